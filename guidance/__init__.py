@@ -1,0 +1,1 @@
+"""Pure-torch guidance (no ComfyUI imports): CFG combiners, attention control, token alignment, subjects."""

@@ -1,0 +1,254 @@
+"""Run a ComfyUI workflow headless, in-process, on ComfyUI's own validator and executor.
+
+    python -m <pack dir> run WORKFLOW.json --comfyui PATH [--set node.input=value ...] [--out DIR]
+
+Loads ComfyUI from PATH (its built-in nodes plus this pack, or the ``custom_nodes`` folder with
+``--all-custom-nodes``), converts the UI-format workflow to API format with the loaded node
+definitions, validates it with ``execution.validate_prompt``, executes it with
+``execution.PromptExecutor`` and reports the images written. Errors are one clear line and a non-zero
+exit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from .convert import WorkflowError, apply_overrides, convert
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RunError(RuntimeError):
+    """A workflow failed to validate or execute; the message is one line for the user."""
+
+
+@dataclass
+class RunResult:
+    prompt: dict
+    images: list[str] = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
+    executor: Any = None
+
+    def node_output(self, node_id: str | int) -> Optional[list]:
+        """The raw outputs of an executed node (its returned tuple, per list item), from the cache."""
+        entry = self.executor.caches.outputs.get(str(node_id))
+        if entry is None:
+            return None
+        return getattr(entry, "outputs", entry)
+
+
+class _Server:
+    """The part of ComfyUI's PromptServer that the executor talks to, without a network."""
+
+    def __init__(self, verbose: bool = False):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, Any]] = []
+        self.verbose = verbose
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+    def __getattr__(self, name):  # any other notification is a no-op here
+        return lambda *a, **k: None
+
+
+_BOOTED: dict[str, Any] = {}
+
+
+def boot(comfyui_path: str, *, all_custom_nodes: bool = False, quiet: bool = True) -> Any:
+    """Import ComfyUI from ``comfyui_path`` in this process and load its nodes and this pack (once)."""
+    comfyui_path = os.path.abspath(comfyui_path)
+    if _BOOTED.get("path") == comfyui_path:
+        return _BOOTED["nodes"]
+    if _BOOTED:
+        raise RunError(f"ComfyUI was already loaded from {_BOOTED['path']}; one process runs one ComfyUI")
+    if not os.path.isfile(os.path.join(comfyui_path, "nodes.py")) or not os.path.isdir(os.path.join(comfyui_path, "comfy")):
+        raise RunError(f"{comfyui_path} is not a ComfyUI checkout (no nodes.py / comfy/); pass --comfyui PATH or set COMFYUI_PATH")
+    if comfyui_path not in sys.path:
+        sys.path.insert(0, comfyui_path)
+    if quiet:
+        logging.getLogger().setLevel(logging.ERROR)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    import torch
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import comfy.utils
+    import comfy.model_management
+    import nodes
+    import execution  # noqa: F401  (imports the executor with the nodes)
+
+    def progress_hook(value, total, preview_image, prompt_id=None, node_id=None):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(progress_hook)
+
+    async def load():
+        await nodes.init_extra_nodes(init_custom_nodes=all_custom_nodes, init_api_nodes=False)
+        if not all_custom_nodes or not _pack_in_custom_nodes(comfyui_path):
+            ok = await nodes.load_custom_node(PACK_DIR)
+            if not ok:
+                raise RunError(f"ComfyUI could not load the EditLab pack from {PACK_DIR} (see the log above)")
+
+    asyncio.run(load())
+    _BOOTED.update(path=comfyui_path, nodes=nodes)
+    return nodes
+
+
+def _pack_in_custom_nodes(comfyui_path: str) -> bool:
+    cn = os.path.realpath(os.path.join(comfyui_path, "custom_nodes"))
+    return os.path.dirname(os.path.realpath(PACK_DIR)) == cn
+
+
+def definitions() -> dict[str, dict]:
+    nodes = _BOOTED["nodes"]
+    return {name: cls.INPUT_TYPES() for name, cls in nodes.NODE_CLASS_MAPPINGS.items()}
+
+
+def object_info() -> dict[str, dict]:
+    """What ComfyUI's ``/object_info`` reports for every loaded node (inputs, outputs, names)."""
+    nodes = _BOOTED["nodes"]
+    info = {}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            info[name] = cls.GET_NODE_INFO_V1()
+            continue
+        outputs = list(cls.RETURN_TYPES)
+        info[name] = {
+            "input": cls.INPUT_TYPES(), "output": outputs,
+            "output_name": list(getattr(cls, "RETURN_NAMES", None) or outputs), "name": name,
+            "description": getattr(cls, "DESCRIPTION", ""), "category": getattr(cls, "CATEGORY", "sd"),
+        }
+    return info
+
+
+def build_workflows(folder: str) -> list[str]:
+    """Regenerate the example workflows from their specs, written atomically as UI-format JSON."""
+    from .examples import EXAMPLES
+
+    info = object_info()
+    written = []
+    os.makedirs(folder, exist_ok=True)
+    for title, make in EXAMPLES.items():
+        path = os.path.join(folder, title + ".json")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(make(info), fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def load_workflow(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError as exc:
+        raise RunError(f"workflow file not found: {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _format_validation(error: dict, node_errors: dict, prompt: dict) -> str:
+    parts = [error.get("message", "invalid prompt")]
+    if error.get("details"):
+        parts.append(str(error["details"]))
+    for nid, info in (node_errors or {}).items():
+        ctype = prompt.get(nid, {}).get("class_type", "?")
+        for err in info.get("errors", []):
+            parts.append(f"node #{nid} {ctype}: {err.get('message')}: {err.get('details')}")
+    return "; ".join(p for p in parts if p)
+
+
+def run_prompt(prompt: dict, *, output_dir: Optional[str] = None) -> RunResult:
+    """Validate and execute an API-format prompt on the booted ComfyUI; return the written images."""
+    import execution
+    import folder_paths
+
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        folder_paths.set_output_directory(os.path.abspath(output_dir))
+    prompt_id = str(uuid.uuid4())
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid:
+        raise RunError("invalid workflow: " + _format_validation(error, node_errors, prompt))
+    server = _Server()
+    executor = execution.PromptExecutor(server, cache_type=False)
+    executor.execute(prompt, prompt_id, {}, outputs)
+    if not executor.success:
+        for event, data in executor.status_messages:
+            if event == "execution_error":
+                raise RunError(f"node #{data['node_id']} {data['node_type']} failed: "
+                               f"{data['exception_type']}: {str(data['exception_message']).strip()}")
+            if event == "execution_interrupted":
+                raise RunError(f"interrupted at node #{data['node_id']} {data['node_type']}")
+        raise RunError("execution failed (no error message was reported)")
+    history = executor.history_result.get("outputs", {})
+    images = []
+    for node_out in history.values():
+        for img in node_out.get("images", []) or []:
+            base = folder_paths.get_directory_by_type(img.get("type", "output")) or folder_paths.get_output_directory()
+            images.append(os.path.join(base, img.get("subfolder", ""), img["filename"]))
+    return RunResult(prompt=prompt, images=images, outputs=history, executor=executor)
+
+
+def run_workflow(workflow: dict | str, *, comfyui_path: Optional[str] = None, overrides: Iterable[str] = (),
+                 output_dir: Optional[str] = None) -> RunResult:
+    """Boot ComfyUI if needed, convert a UI workflow (dict or path), apply overrides, run it."""
+    path = comfyui_path or os.environ.get("COMFYUI_PATH")
+    if not path:
+        raise RunError("ComfyUI's location is unknown: pass --comfyui PATH or set COMFYUI_PATH")
+    boot(path)
+    wf = load_workflow(workflow) if isinstance(workflow, str) else workflow
+    try:
+        prompt = apply_overrides(convert(wf, definitions()), overrides)
+    except WorkflowError as exc:
+        raise RunError(str(exc)) from exc
+    return run_prompt(prompt, output_dir=output_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="editlab", description="Run an EditLab/ComfyUI workflow headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a UI- or API-format workflow JSON")
+    run.add_argument("workflow", help="workflow .json (as saved by ComfyUI)")
+    run.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                     help="override an input; NODE is a node id, title or unique class type; VALUE is JSON or text")
+    run.add_argument("--out", default=None, help="output folder (default: ComfyUI's output folder)")
+    run.add_argument("--print-prompt", action="store_true", help="print the API-format prompt and exit")
+    build = sub.add_parser("build-workflows", help="regenerate workflows/*.json from headless/examples.py")
+    build.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    build.add_argument("--folder", default=os.path.join(PACK_DIR, "workflows"))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build-workflows":
+            boot(args.comfyui or "")
+            for path in build_workflows(args.folder):
+                print(path)
+            return 0
+        if args.print_prompt:
+            boot(args.comfyui or "")
+            print(json.dumps(convert(load_workflow(args.workflow), definitions()), indent=1))
+            return 0
+        result = run_workflow(args.workflow, comfyui_path=args.comfyui, overrides=args.overrides, output_dir=args.out)
+    except (RunError, WorkflowError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for image in result.images:
+        print(image)
+    return 0

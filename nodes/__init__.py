@@ -1,0 +1,21 @@
+"""EditLab's ComfyUI nodes: thin schema-style nodes over ``samplers/`` and ``guidance/``.
+
+Imported only when ComfyUI calls the pack's entry point, so importing the pack stays cheap.
+"""
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import sdedit
+
+
+def node_list() -> list[type[io.ComfyNode]]:
+    return [*sdedit.NODES]
+
+
+class EditLabExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return node_list()

@@ -1,0 +1,150 @@
+"""Shared helpers for EditLab nodes: the only layer that talks to ComfyUI.
+
+One way to do a thing: LATENT <-> model-space tensors, t0 <-> sigma, MASK -> latent mask,
+progress + cancel for long loops, and the error type users see.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..samplers.sdedit import SDEditInputError, check_t0, tail_schedule
+
+CATEGORY = "EditLab"
+
+
+class EditLabError(ValueError):
+    """A problem with the user's inputs; the message says what to do."""
+
+
+def user_error(exc: Exception) -> EditLabError:
+    return EditLabError(str(exc))
+
+
+def latent_samples(latent: dict, what: str = "latent") -> torch.Tensor:
+    """The ``samples`` tensor of a LATENT dict, checked for shape and finiteness."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise EditLabError(f"{what}: expected a LATENT (a dict with 'samples'), got {type(latent).__name__}")
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise EditLabError(f"{what}: expected an image latent [batch, channels, h, w], got shape {tuple(samples.shape)}")
+    if not torch.isfinite(samples).all():
+        raise EditLabError(f"{what}: the latent contains NaN or inf values; re-encode the image with the VAE")
+    return samples
+
+
+def model_sampling(model):
+    return model.get_model_object("model_sampling")
+
+
+def is_k_space(ms) -> bool:
+    """True when the model noises as ``x = x0 + sigma * eps`` (EPS / V-prediction: SD1.x, SD2.x, SDXL)."""
+    one = torch.ones(1, 1, 1, 1)
+    zero = torch.zeros(1, 1, 1, 1)
+    probe = ms.noise_scaling(torch.tensor([0.5]), zero.clone(), one.clone(), max_denoise=False)
+    return bool(torch.allclose(probe, one))
+
+
+def t0_to_sigma(ms, t0: float) -> float:
+    """SDEdit's t0 on the model's own schedule.
+
+    t0 is a fraction of the model's training timesteps, counted from clean (0) to pure noise (1):
+    ``sigma(t0) = model_sampling.percent_to_sigma(1 - t0)``; for SD1.x that is
+    ``sigma(timestep = t0 * 999)``, so t0 = 0.5 is the reference code's t = 500. t0 = 1 is sigma_max.
+    """
+    t0 = check_t0(t0)
+    if t0 >= 1.0:
+        return float(ms.sigma_max)
+    return float(ms.percent_to_sigma(1.0 - t0))
+
+
+def sdedit_sigmas(model, t0: float, steps: int, scheduler: str) -> torch.Tensor:
+    """The SIGMAS tail from sigma(t0) to 0 with ``steps`` steps of ``scheduler``."""
+    if steps < 1:
+        raise EditLabError(f"steps must be at least 1, got {steps}")
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise EditLabError(f"unknown scheduler {scheduler!r}; choose one of {comfy.samplers.SCHEDULER_NAMES}")
+    ms = model_sampling(model)
+    try:
+        sigma0 = t0_to_sigma(ms, t0)
+        total = max(steps, int(math.ceil(steps / check_t0(t0))))
+        full = comfy.samplers.calculate_sigmas(ms, scheduler, total).cpu()
+        return tail_schedule(full, sigma0, steps)
+    except SDEditInputError as exc:
+        raise user_error(exc) from exc
+
+
+def noise_for(latent: dict, seed: int) -> torch.Tensor:
+    """The same draw ComfyUI's RandomNoise node makes for this latent and seed."""
+    return comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
+
+
+def to_model_space(model, samples: torch.Tensor) -> torch.Tensor:
+    return model.get_model_object("process_latent_in")(samples)
+
+
+def to_latent_space(model, samples: torch.Tensor) -> torch.Tensor:
+    return model.get_model_object("process_latent_out")(samples)
+
+
+def latent_mask(mask: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI MASK ([B,H,W] or [H,W], image or latent resolution) as a [B,1,h,w] latent mask.
+
+    Only image-size or latent-size masks are accepted: a mask of another size is a mistake (it would be
+    silently stretched), so the error says how to fix it.
+    """
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim != 3:
+        raise EditLabError(f"mask: expected [batch, height, width], got shape {tuple(mask.shape)}")
+    b, _, h, w = samples.shape
+    mh, mw = mask.shape[-2:]
+    ok_sizes = {(h, w)} | {(h * f, w * f) for f in (8, 16)}
+    if (mh, mw) not in ok_sizes:
+        raise EditLabError(
+            f"mask is {mw}x{mh} px but the latent is {w}x{h} (an image of {w * 8}x{h * 8} px); "
+            "load the mask at the image's size (or scale it with an upscale/resize node)"
+        )
+    if mask.shape[0] not in (1, b):
+        raise EditLabError(f"mask batch {mask.shape[0]} does not match the latent batch {b} (use 1 mask or one per image)")
+    if not torch.isfinite(mask).all():
+        raise EditLabError("mask contains NaN or inf values")
+    m = comfy.utils.reshape_mask(mask.float(), samples.shape)[:, :1]
+    if m.shape[0] != b:
+        m = m.expand(b, -1, -1, -1)
+    return m.clamp(0.0, 1.0)
+
+
+class Progress:
+    """A ComfyUI progress bar that also makes long loops cancellable."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(total)
+
+    @staticmethod
+    def check_cancel() -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def step(self, n: int = 1) -> None:
+        self.check_cancel()
+        self.bar.update(n)
+
+
+def cancel_callback() -> Callable[..., None]:
+    """A sampler callback that only checks for the user's cancel."""
+
+    def callback(*_args, **_kwargs) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return callback
+
+
+def optional_seed(seed: Optional[int]) -> Optional[int]:
+    return None if seed is None else int(seed) & 0xFFFFFFFFFFFFFFFF

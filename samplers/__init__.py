@@ -1,0 +1,1 @@
+"""Pure-torch samplers (no ComfyUI imports): SDEdit perturbation and reverse SDE, inversion, null-text."""
