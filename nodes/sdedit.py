@@ -300,6 +300,10 @@ class KnownRegionSamplerNode(io.ComfyNode):
         if not hasattr(sampler, "sample"):
             raise EditLabError("'sampler' must be a SAMPLER (e.g. from KSamplerSelect)")
         keeps = mask_convention.startswith("1 = keep")
+        if guide is not None:
+            samples = latent_samples(guide, "guide latent")
+            if mask is not None:
+                latent_mask(mask, samples)  # refuse a wrong-size mask now, before any sampling work
         return io.NodeOutput(KnownRegionSampler(sampler, mask, guide, keeps, known_noise, replace_on, int(seed)))
 
 

@@ -156,7 +156,7 @@ def ensure_comfy_importable(comfyui_path: PathLike | None = None) -> None:
     """
     path = _resolve_comfyui_path(comfyui_path)
     if path is not None:
-        if not (path / "comfy" / "__init__.py").is_file() and not (path / "comfy").is_dir():
+        if not (path / "comfy").is_dir():
             raise FileNotFoundError(f"no ComfyUI checkout at {path}")
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
@@ -305,16 +305,51 @@ def _random_sd15_state_dict(seed: int, in_channels: int, dtype: torch.dtype) -> 
     return out
 
 
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+}
+
+
 def _atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> None:
-    from safetensors.torch import save_file
+    """Write a ``.safetensors`` file deterministically and atomically.
+
+    ``safetensors.torch.save_file`` serialises ``__metadata__`` from a Rust
+    ``HashMap``, so with more than one metadata entry the header order (and the
+    file bytes) change from run to run.  The format is simple (u64-LE header
+    length, JSON header, raw little-endian data), so write it here with sorted
+    keys, 8-byte aligned header, into a temp file + ``os.replace``.
+    """
+    if sys.byteorder != "little":  # pragma: no cover
+        raise RuntimeError("big-endian hosts are not supported")
+    names = sorted(tensors)
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hbytes += b" " * ((8 - len(hbytes) % 8) % 8)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(hbytes).to_bytes(8, "little"))
+            f.write(hbytes)
+            for name in names:
+                t = tensors[name].detach().contiguous().cpu()
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -465,7 +500,7 @@ def _build_diffusers_models(
     unet_sd = convert_ldm_unet_checkpoint(ckpt, unet_cfg)
     _strict_load(unet, {k: v.float() for k, v in unet_sd.items()}, "unet")
 
-    vae_cfg = diffusers_vae_config(sample_size * 8 if sample_size > 8 else 512)
+    vae_cfg = diffusers_vae_config(sample_size * 8)
     vae = AutoencoderKL(**vae_cfg)
     vae_sd = convert_ldm_vae_checkpoint(ckpt, vae_cfg)
     _strict_load(vae, {k: v.float() for k, v in vae_sd.items()}, "vae")
@@ -611,6 +646,9 @@ class _Loaded:
         self.model_patcher, self.clip, self.comfy_vae, _ = comfy.sd.load_checkpoint_guess_config(
             str(ckpt_path), output_vae="vae" in parts, output_clip="text_encoder" in parts,
             output_model="unet" in parts,
+            # On CPU, comfy.model_management.text_encoder_dtype() is float16, which
+            # would round fp32 checkpoints' CLIP weights; keep them exact.
+            te_model_options={"dtype": torch.float32},
         )
         d = Path(diffusers_dir)
         self.unet = self.vae = self.text_encoder = None
