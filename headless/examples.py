@@ -128,3 +128,12 @@ EXAMPLES: dict[str, Callable[[dict], dict]] = {
 
 # Inputs each example reads from ComfyUI's input folder (tests create them; users replace them).
 EXAMPLE_INPUTS = {"images": [STROKE_IMAGE, PHOTO_IMAGE], "checkpoints": [CHECKPOINT]}
+
+from .examples_dual_cfg import EXAMPLES as _DUAL_CFG, EXAMPLE_INPUTS as _DUAL_CFG_INPUTS  # noqa: E402
+
+EXAMPLES.update(_DUAL_CFG)
+EXAMPLE_INPUTS["checkpoints"] += [c for c in _DUAL_CFG_INPUTS["checkpoints"] if c not in EXAMPLE_INPUTS["checkpoints"]]
+
+from .examples_p2p import EXAMPLES as _P2P  # noqa: E402
+
+EXAMPLES.update(_P2P)

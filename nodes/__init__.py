@@ -8,11 +8,13 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import sdedit
+from . import inversion, sdedit
+from . import dual_cfg
+from . import p2p
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*sdedit.NODES]
+    return [*sdedit.NODES, *inversion.NODES, *dual_cfg.NODES, *p2p.NODES]
 
 
 class EditLabExtension(ComfyExtension):

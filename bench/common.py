@@ -1,0 +1,78 @@
+"""Shared set-up for the benchmarks: ComfyUI in-process, the random SD1.5-architecture weights in both
+ComfyUI (single file) and diffusers (folder) layouts, and a median timer.
+
+Every benchmark compares side by side, in one process, on the same weights and inputs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "support"))
+
+
+def import_pack():
+    if "editlab" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("editlab", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["editlab"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["editlab"]
+
+
+def setup(workdir: str | os.PathLike, *, in_channels: int = 4, diffusers: bool = True) -> dict:
+    """Boot ComfyUI, write (once) the random checkpoint and its diffusers twin under ``workdir``."""
+    comfy_path = os.environ.get("COMFYUI_PATH")
+    if not comfy_path:
+        raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout to run the benchmarks")
+    import_pack()
+    from editlab.headless import runner
+    import random_models
+
+    runner.boot(comfy_path)
+    import folder_paths
+
+    work = Path(workdir).resolve()
+    ckpt_dir = work / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"editlab_random_sd15_{in_channels}ch.safetensors"
+    ckpt = ckpt_dir / name
+    if not ckpt.exists():
+        random_models.build_sd15_checkpoint(ckpt, seed=0, in_channels=in_channels, dtype=torch.float32)
+    folder_paths.add_model_folder_path("checkpoints", str(ckpt_dir), is_default=True)
+    out = {"checkpoint": name, "checkpoint_path": ckpt, "runner": runner}
+    if diffusers:
+        ddir = work / f"diffusers_{in_channels}ch"
+        if not (ddir / "model_index.json").exists():
+            random_models.checkpoint_to_diffusers(ckpt, ddir, comfy_path)
+        out["diffusers_dir"] = ddir
+    return out
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} intra-op threads, CUDA: {torch.cuda.is_available()}")
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each callable, run round-robin so drift hits every contender alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,508 @@
+"""Prompt-to-Prompt attention control on plain tensors (METHODS.md §5; Hertz et al., ICLR 2023).
+
+The batch of one sampling run is ``[source, target_1, ..., target_n]``; inside a forward pass the rows
+come in chunks of that size, one chunk per entry of ``cond_or_uncond`` (0 = conditional). Only the
+target rows of conditional chunks are edited; the source row and every unconditional row run through
+the host's attention kernel untouched.
+
+Every cross-attention edit of the paper is linear in the columns (tokens) of the attention map::
+
+    replace:   A' = A_src M                                  (M: token map, 1/len for multi-token words)
+    refine:    A' = A_src P diag(a) + A_tgt diag(1 - a)      (P: alignment gather, a = 0 for new tokens)
+    reweight:  A'' = A' diag(w)                              (on top of either; the reference's equalizer)
+    schedule:  A_new = A'' diag(alpha) + A_tgt diag(1 - alpha)    (alpha_j = 1 while step < cross_replace_j)
+
+so ``A_new = A_src S + A_tgt diag(T)`` with ``S = Base diag(a w alpha)`` and
+``T = (1 - a) w alpha + 1 - alpha``, and the output ``A_new V_tgt`` is
+``attn(q_src, k_src, S V_tgt) + attn(q_tgt, k_tgt, T * V_tgt)``: two calls of the *fused* kernel, and
+one when ``T = 0`` (a word swap inside its window: the target row simply attends with the source's
+queries and keys). Self-attention replacement (``A_tgt = A_src`` at small resolutions) is
+``attn(q_src, k_src, v_tgt)``. No attention probabilities are materialised for editing; they are only
+computed, on the conditional rows, at the one resolution where local blend and the attention-map viewer
+read them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .tokens import (
+    MAX_TOKENS,
+    AlignmentError,
+    Tokenize,
+    Word,
+    find_words,
+    refine_map,
+    refine_matrix,
+    replace_map,
+    split_words,
+    token_ids,
+)
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+MODES = ("replace", "refine", "reweight")
+
+
+class P2PInputError(ValueError):
+    """A user-fixable problem with prompt-to-prompt inputs; the message says what to do."""
+
+
+def basic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on ComfyUI's layout ``[batch, tokens, heads * dim_head]``."""
+    b, n, hd = q.shape
+    d = hd // heads
+    qh, kh, vh = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    probs = torch.softmax((qh @ kh.transpose(-1, -2)).float() / math.sqrt(d), dim=-1).to(v.dtype)
+    return (probs @ vh).transpose(1, 2).reshape(b, n, hd)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """The attention probabilities ``[batch, heads, queries, keys]`` (float32)."""
+    b, n, hd = q.shape
+    d = hd // heads
+    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
+    kh = k.reshape(b, -1, heads, d).transpose(1, 2).float()
+    return torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+
+
+# -- the edit spec --------------------------------------------------------------------------------
+
+@dataclass
+class EditSpec:
+    """Token maps of one prompt-to-prompt edit: prompts ``[source, target_1, ...]``.
+
+    ``base[t]``: ``length x length`` map from source token columns to target token columns (replace's M,
+    refine's gather P, the identity for reweight); ``keep[t]``: refine's alphas (1 = column comes from the
+    source); ``weights[t]``: reweight factors; ``replace_until[t]``: per-token cross-replace fraction
+    (NaN = the controller's default); ``blend[row]``: 1 on the tokens of the local-blend words of that row.
+    """
+
+    prompts: list[str]
+    words: list[list[Word]]
+    mode: str
+    base: torch.Tensor
+    keep: torch.Tensor
+    weights: torch.Tensor
+    replace_until: torch.Tensor
+    blend: torch.Tensor
+    length: int = MAX_TOKENS
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def targets(self) -> int:
+        return len(self.prompts) - 1
+
+    @property
+    def has_blend(self) -> bool:
+        return bool(self.blend.sum() > 0)
+
+    def labels(self, row: int) -> list[tuple[str, list[int]]]:
+        """(word, token positions) of a row, start and end tokens included: what each map column shows."""
+        words = self.words[row]
+        end = words[-1].stop if words else 1
+        return [("<start>", [0])] + [(w.text, w.positions) for w in words] + [("<end>", [end])]
+
+    def describe(self) -> str:
+        lines = [f"mode {self.mode}, {self.targets} target(s)", f"source: {self.prompts[0]}"]
+        lines += [f"target {i}: {p}" for i, p in enumerate(self.prompts[1:], 1)]
+        return "\n".join(lines)
+
+
+def parse_word_values(text: str, default: Optional[float], what: str) -> list[tuple[str, float]]:
+    """``"cat, red car:0.5"`` -> [("cat", default), ("red car", 0.5)] (comma-separated, ``word:value``)."""
+    out: list[tuple[str, float]] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        word, sep, value = item.rpartition(":")
+        if not sep:
+            word, value = item, ""
+        word = word.strip()
+        if value.strip() == "":
+            if default is None:
+                raise P2PInputError(f"{what}: {item!r} needs a value, written word:value (e.g. cat:0.4)")
+            out.append((word, float(default)))
+            continue
+        try:
+            out.append((word, float(value)))
+        except ValueError:
+            raise P2PInputError(f"{what}: cannot read the value of {item!r}; write word:number, e.g. cat:2") from None
+    return out
+
+
+def build_edit_spec(
+    prompts: Sequence[str],
+    mode: str,
+    tokenize: Tokenize,
+    *,
+    bos: int,
+    eos: int,
+    reweight: Sequence[tuple[str, float]] = (),
+    blend_words: Sequence[str] = (),
+    replace_overrides: Sequence[tuple[str, float]] = (),
+    length: int = MAX_TOKENS,
+) -> EditSpec:
+    """Align ``[source, target_1, ...]`` for ``mode`` and place reweight/blend/override words on tokens."""
+    if mode not in MODES:
+        raise P2PInputError(f"unknown edit mode {mode!r}; choose one of {MODES}")
+    if len(prompts) < 2:
+        raise P2PInputError("prompt-to-prompt needs a source prompt and at least one target prompt")
+    try:
+        words = [split_words(p, tokenize, length) for p in prompts]
+    except AlignmentError as exc:
+        raise P2PInputError(str(exc)) from exc
+    n = len(prompts) - 1
+    base = torch.zeros(n, length, length)
+    keep = torch.ones(n, length)
+    for t in range(n):
+        src, tgt = words[0], words[t + 1]
+        if mode == "replace":
+            try:
+                base[t] = replace_map(src, tgt, length)
+            except AlignmentError as exc:
+                raise P2PInputError(f"target {t + 1}: {exc}") from exc
+        elif mode == "refine":
+            mapper, alphas = refine_map(token_ids(src, bos, eos), token_ids(tgt, bos, eos), length)
+            base[t] = refine_matrix(mapper, length)
+            keep[t] = alphas
+        else:
+            if [w.tokens for w in src] != [w.tokens for w in tgt]:
+                raise P2PInputError(
+                    f"reweight alone keeps the source prompt, but target {t + 1} differs ({prompts[t + 1]!r}); "
+                    "use replace (word swap) or refine (added words) — reweight words apply on top of either"
+                )
+            base[t] = torch.eye(length)
+
+    weights = torch.ones(n, length)
+    for word, factor in reweight:
+        hits = 0
+        for t in range(n):
+            pos = find_words(words[t + 1], word)
+            weights[t, pos] = factor
+            hits += len(pos)
+        if not hits:
+            raise P2PInputError(f"reweight word {word!r} is not in the target prompt(s): {list(prompts[1:])}")
+
+    until = torch.full((n, length), float("nan"))
+    for word, frac in replace_overrides:
+        if not 0.0 <= frac <= 1.0:
+            raise P2PInputError(f"cross-replace override {word}:{frac} must be a fraction in [0, 1]")
+        hits = 0
+        for t in range(n):
+            pos = find_words(words[t + 1], word)
+            until[t, pos] = frac
+            hits += len(pos)
+        if not hits:
+            raise P2PInputError(f"cross-replace override word {word!r} is not in the target prompt(s): {list(prompts[1:])}")
+
+    blend = torch.zeros(len(prompts), length)
+    for word in blend_words:
+        hits = 0
+        for r, ws in enumerate(words):
+            pos = find_words(ws, word)
+            blend[r, pos] = 1.0
+            hits += len(pos)
+        if not hits:
+            raise P2PInputError(f"blend word {word!r} is in none of the prompts: {list(prompts)}")
+    return EditSpec(list(prompts), words, mode, base, keep, weights, until, blend, length)
+
+
+# -- schedule -------------------------------------------------------------------------------------
+
+def step_index(sigma: float, sample_sigmas: Sequence[float]) -> int:
+    """The sampler step ``k`` with ``sigma_k >= sigma > sigma_{k+1}`` (intermediate evaluations of
+    multi-stage samplers belong to the step they are taken in)."""
+    k = sum(1 for s in sample_sigmas[:-1] if s >= sigma * (1.0 - 1e-5)) - 1
+    return max(0, min(k, max(len(sample_sigmas) - 2, 0)))
+
+
+def cross_alpha(spec: EditSpec, default: float, step: int, steps: int) -> torch.Tensor:
+    """alpha[t, j] = 1 while ``step < int(fraction_j * (steps + 1))`` (the reference's time-word alphas)."""
+    frac = torch.where(torch.isnan(spec.replace_until), torch.full_like(spec.replace_until, default), spec.replace_until)
+    end = torch.floor(frac * (steps + 1))
+    return (step < end).float()
+
+
+def self_replace_active(fraction: float, step: int, steps: int) -> bool:
+    return step < int(steps * fraction)
+
+
+def blend_active(start_blend: float, step: int, steps: int) -> bool:
+    """The reference blends from the step after ``int(start_blend * steps)`` (its counter starts at 1)."""
+    return step + 1 > int(start_blend * steps)
+
+
+def cross_coefficients(spec: EditSpec, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S [n, L, L]`` and ``T [n, L]`` with ``A_new = A_src S + A_tgt diag(T)`` (see the module doc)."""
+    c = spec.keep * spec.weights * alpha
+    s = spec.base * c[:, None, :]
+    t = (1.0 - spec.keep) * spec.weights * alpha + (1.0 - alpha)
+    return s, t
+
+
+# -- edited attention -----------------------------------------------------------------------------
+
+def chunk_layout(batch: int, cond_or_uncond: Sequence[int], rows: int) -> list[int]:
+    """Source-row index of every conditional chunk; refuses a batch that is not ``rows`` per chunk."""
+    chunks = max(len(cond_or_uncond), 1)
+    if batch % chunks or batch // chunks != rows:
+        raise P2PInputError(
+            f"the sampled batch has {batch // chunks} rows per conditioning but the edit has {rows} prompts "
+            f"(source + {rows - 1} target(s)); sample a latent batch of {rows} that starts from one noise "
+            "(EditLab P2P Latent Batch) with the CONDITIONING from Prompt Pair Encode"
+        )
+    return [j * rows for j, c in enumerate(cond_or_uncond) if c == 0]
+
+
+def _fold(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys repeated to a common length (ComfyUI pads conds by repetition): the first copy."""
+    return t[:, :length] if t.shape[1] != length else t
+
+
+def edited_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                           sources: Sequence[int], s: torch.Tensor, t: torch.Tensor,
+                           attention: Attention, own: Optional[Sequence[bool]] = None,
+                           from_source: Optional[Sequence[bool]] = None) -> torch.Tensor:
+    """Cross-attention of the whole batch with every target row ``A_src S + A_tgt diag(T)`` (rows after
+    each source index in ``sources``). ``s``/``t`` as :func:`cross_coefficients`, on q's device;
+    ``own[i]`` / ``from_source[i]``: whether target i's T / S is non-zero (computed here if not given;
+    the controller passes host-side flags so the step loop does not wait on the device)."""
+    n, length = t.shape
+    if own is None:
+        own = (t.abs().amax(dim=1) > 0).tolist()
+    if from_source is None:
+        from_source = (s.abs().flatten(1).amax(dim=1) > 0).tolist()
+    keys = k.shape[1]
+    if keys % length:
+        raise P2PInputError(f"the conditioning has {keys} tokens per row; prompt-to-prompt needs {length} (one CLIP chunk)")
+    reps = keys // length
+    b, _, hd = v.shape
+    d = hd // heads
+    src_idx = torch.tensor([i for i in sources for _ in range(n)], device=q.device)
+    tgt_idx = torch.tensor([i + 1 + j for i in sources for j in range(n)], device=q.device)
+    vt = _fold(v[tgt_idx], length).reshape(len(tgt_idx), length, heads, d)
+    s_rep = s.repeat(len(sources), 1, 1)
+    sv = torch.einsum("nst,nthd->nshd", s_rep, vt).reshape(len(tgt_idx), length, hd).repeat(1, reps, 1)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    own_rep = torch.tensor(list(own) * len(sources), device=q.device)
+    use_src = list(from_source) * len(sources)
+    swap = ~own_rep
+    if swap.any():  # A_new = A_src S: attend with the source's queries and keys
+        i = tgt_idx[swap]
+        q2[i] = q[src_idx[swap]]
+        k2[i] = k[src_idx[swap]]
+        v2[i] = sv[swap]
+    extra = None
+    if own_rep.any():
+        i = tgt_idx[own_rep]
+        t_rep = t.repeat(len(sources), 1)[own_rep].repeat(1, reps)
+        v2[i] = v[i] * t_rep[:, :, None]
+        both = own_rep & torch.tensor(use_src, device=q.device)
+        if any(o and u for o, u in zip(list(own) * len(sources), use_src)):
+            i = tgt_idx[both]
+            j = src_idx[both]
+            extra = (i, attention(q[j], k[j], sv[both], heads))
+    out = attention(q2, k2, v2, heads)
+    if extra is not None:
+        out[extra[0]] = out[extra[0]] + extra[1]
+    return out
+
+
+def replaced_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sources: Sequence[int],
+                            rows: int, attention: Attention) -> torch.Tensor:
+    """Self-attention with every target row's map replaced by its source's: ``attn(q_src, k_src, v_tgt)``."""
+    q2, k2 = q.clone(), k.clone()
+    for s in sources:
+        q2[s + 1:s + rows] = q[s:s + 1]
+        k2[s + 1:s + rows] = k[s:s + 1]
+    return attention(q2, k2, v, heads)
+
+
+# -- local blend ----------------------------------------------------------------------------------
+
+def blend_mask(maps: torch.Tensor, grid: tuple[int, int], blend: torch.Tensor, size: tuple[int, int],
+               threshold: float) -> torch.Tensor:
+    """Local-blend masks ``[rows, 1, H, W]`` (1 = edit) from summed cross-attention maps ``[rows, P, L]``.
+
+    The blend words' maps (summed over their tokens), max-pooled 3x3, upsampled (nearest) to the latent,
+    normalised by their maximum and thresholded; every target's mask is united with the source's.
+    """
+    rows = maps.shape[0]
+    m = (maps * blend.to(maps)[:, None, :]).sum(-1).reshape(rows, 1, *grid)
+    m = F.max_pool2d(m, 3, stride=1, padding=1)
+    m = F.interpolate(m, size=size)
+    m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+    mask = m > threshold
+    return (mask[:1] | mask).float()
+
+
+def blended_denoised(x: torch.Tensor, denoised: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Target rows' denoised prediction such that an Euler/DDIM step lands on the blended latent.
+
+    The reference blends after each step: ``x_tgt <- x_src + mask (x_tgt - x_src)``. An Euler step is
+    ``x_next = r x + (1 - r) D`` with ``r = sigma_next / sigma``; with ``B(z) = z_src + mask (z - z_src)``,
+    returning ``D' = B(D) + r / (1 - r) (B(x) - x)`` gives ``x_next = B(r x + (1 - r) D)`` exactly. At
+    the last step (``r = 0``) this is ``B(D)`` for any sampler.
+    """
+    out = denoised.clone()
+    m = mask.to(denoised)
+    d_src, x_src = denoised[:1], x[:1]
+    out[1:] = d_src + m[1:] * (denoised[1:] - d_src)
+    if 0.0 < ratio < 1.0 - 1e-6:
+        bx = x_src + m[1:] * (x[1:] - x_src)
+        out[1:] = out[1:] + ratio / (1.0 - ratio) * (bx - x[1:])
+    return out
+
+
+# -- the controller -------------------------------------------------------------------------------
+
+@dataclass
+class ControlSettings:
+    cross_replace: float = 0.8
+    self_replace: float = 0.4
+    self_max_tokens: int = 16 * 16
+    map_size: int = 16
+    blend_threshold: float = 0.3
+    start_blend: float = 0.2
+
+
+@dataclass
+class RunState:
+    """Per-sampling-run state; reset at the start of every run."""
+
+    steps: int = 0
+    sample_sigmas: list[float] = field(default_factory=list)
+    latent_size: Optional[tuple[int, int]] = None
+    map_tokens: int = -1
+    step: int = 0
+    coeffs: dict = field(default_factory=dict)
+    maps: Optional[torch.Tensor] = None
+    grid: Optional[tuple[int, int]] = None
+    map_calls: int = 0
+    mask: Optional[torch.Tensor] = None
+    started: bool = False  # begin_run was called (else runs are told apart by the step going back)
+
+
+class P2PController:
+    """Prompt-to-prompt attention control for one edit spec; the host calls :meth:`begin_run`,
+    :meth:`begin_forward`, :meth:`cross`, :meth:`self_attention` and :meth:`blend`.
+
+    ``levels``: downsample factors of the model's cross-attention layers (to pick the map resolution
+    nearest ``settings.map_size``). Copies made by ``copy.deepcopy`` (ComfyUI's ``model.clone()``) are
+    this same object: the state of a run belongs to the controller, not to one ModelPatcher.
+    """
+
+    def __init__(self, spec: EditSpec, settings: ControlSettings, levels: Sequence[int]):
+        self.spec = spec
+        self.settings = settings
+        self.levels = sorted(set(int(f) for f in levels)) or [1]
+        self.state = RunState()
+        self.last_maps: Optional[dict] = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # -- run / step bookkeeping -------------------------------------------------------------------
+    def map_level(self, latent_size: tuple[int, int]) -> tuple[int, int]:
+        """Grid of the attention layers whose side is nearest ``map_size`` (log scale; ties: larger)."""
+        h, w = latent_size
+        best = None
+        for f in self.levels:
+            gh, gw = -(-h // f), -(-w // f)
+            side = math.sqrt(gh * gw)
+            key = (abs(math.log(side / self.settings.map_size)), -side)
+            if best is None or key < best[0]:
+                best = (key, (gh, gw))
+        return best[1]
+
+    def begin_run(self, batch: int, latent_size: tuple[int, int], sample_sigmas: Sequence[float]) -> None:
+        if batch != self.spec.rows:
+            raise P2PInputError(
+                f"the latent batch is {batch} but the edit has {self.spec.rows} prompts (source + "
+                f"{self.spec.targets} target(s)); feed the sampler a batch of {self.spec.rows} rows from one "
+                "noise (EditLab P2P Latent Batch) and the CONDITIONING of Prompt Pair Encode"
+            )
+        sigmas = [float(s) for s in sample_sigmas]
+        grid = self.map_level(latent_size)
+        self.state = RunState(steps=max(len(sigmas) - 1, 1), sample_sigmas=sigmas, latent_size=tuple(latent_size),
+                              map_tokens=grid[0] * grid[1], grid=grid, started=True)
+
+    def end_run(self) -> None:
+        st = self.state
+        if st.maps is not None:
+            self.last_maps = {"maps": (st.maps / max(st.map_calls, 1)).cpu(), "grid": st.grid,
+                              "mask": None if st.mask is None else st.mask.cpu()}
+
+    def begin_forward(self, sigma: float, sample_sigmas: Optional[Sequence[float]] = None) -> None:
+        st = self.state
+        if not st.sample_sigmas:
+            if sample_sigmas is None:
+                raise P2PInputError("prompt-to-prompt needs the sampler's sigmas (sample through a ComfyUI sampler)")
+            st.sample_sigmas = [float(s) for s in sample_sigmas]
+            st.steps = max(len(st.sample_sigmas) - 1, 1)
+        step = step_index(sigma, st.sample_sigmas)
+        if step < st.step and not st.started:  # a new run that did not pass through begin_run
+            self.state = st = RunState(steps=st.steps, sample_sigmas=st.sample_sigmas, latent_size=st.latent_size,
+                                       map_tokens=st.map_tokens, grid=st.grid)
+        st.step = step
+
+    def _coefficients(self, device, dtype):
+        key = (self.state.step, device, dtype)
+        c = self.state.coeffs.get(key)
+        if c is None:
+            alpha = cross_alpha(self.spec, self.settings.cross_replace, self.state.step, self.state.steps)
+            s, t = cross_coefficients(self.spec, alpha)
+            active = bool((alpha > 0).any())
+            flags = ((t.abs().amax(dim=1) > 0).tolist(), (s.abs().flatten(1).amax(dim=1) > 0).tolist())
+            c = (active, s.to(device, dtype), t.to(device, dtype), flags)
+            self.state.coeffs = {key: c}
+        return c
+
+    # -- attention ----------------------------------------------------------------------------------
+    def cross(self, q, k, v, heads: int, cond_or_uncond: Sequence[int], attention: Attention) -> torch.Tensor:
+        sources = chunk_layout(q.shape[0], cond_or_uncond, self.spec.rows)
+        if q.shape[1] == self.state.map_tokens and sources:
+            self._store_maps(q, k, heads, sources[0])
+        active, s, t, (own, from_source) = self._coefficients(q.device, v.dtype)
+        if not active or not sources:
+            return attention(q, k, v, heads)
+        return edited_cross_attention(q, k, v, heads, sources, s, t, attention, own, from_source)
+
+    def self_attention(self, q, k, v, heads: int, cond_or_uncond: Sequence[int], attention: Attention) -> torch.Tensor:
+        sources = chunk_layout(q.shape[0], cond_or_uncond, self.spec.rows)
+        st = self.state
+        if (not sources or q.shape[1] > self.settings.self_max_tokens
+                or not self_replace_active(self.settings.self_replace, st.step, st.steps)):
+            return attention(q, k, v, heads)
+        return replaced_self_attention(q, k, v, heads, sources, self.spec.rows, attention)
+
+    def _store_maps(self, q, k, heads: int, source: int) -> None:
+        """Head-averaged maps of the conditional rows (unedited, as the reference stores them)."""
+        rows = slice(source, source + self.spec.rows)
+        p = attention_probs(q[rows], _fold(k[rows], self.spec.length), heads).mean(1)
+        st = self.state
+        st.maps = p if st.maps is None else st.maps + p
+        st.map_calls += 1
+
+    # -- local blend ----------------------------------------------------------------------------------
+    def blend(self, x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The denoised prediction with the targets blended (see :func:`blended_denoised`)."""
+        st = self.state
+        if not self.spec.has_blend or st.maps is None or not blend_active(self.settings.start_blend, st.step, st.steps):
+            return denoised
+        mask = blend_mask(st.maps, st.grid, self.spec.blend.to(st.maps.device), tuple(x.shape[-2:]),
+                          self.settings.blend_threshold)
+        st.mask = mask
+        sig = st.sample_sigmas
+        ratio = 0.0
+        if st.step + 1 < len(sig) and abs(sig[st.step] - sigma) <= 1e-5 * max(sigma, 1e-8):
+            ratio = sig[st.step + 1] / sig[st.step] if sig[st.step] > 0 else 0.0
+        return blended_denoised(x, denoised, mask.to(x.device), ratio)
