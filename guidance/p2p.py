@@ -286,33 +286,40 @@ def edited_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     reps = keys // length
     b, _, hd = v.shape
     d = hd // heads
-    src_idx = torch.tensor([i for i in sources for _ in range(n)], device=q.device)
-    tgt_idx = torch.tensor([i + 1 + j for i in sources for j in range(n)], device=q.device)
-    vt = _fold(v[tgt_idx], length).reshape(len(tgt_idx), length, heads, d)
-    s_rep = s.repeat(len(sources), 1, 1)
-    sv = torch.einsum("nst,nthd->nshd", s_rep, vt).reshape(len(tgt_idx), length, hd).repeat(1, reps, 1)
-    q2, k2, v2 = q.clone(), k.clone(), v.clone()
-    own_rep = torch.tensor(list(own) * len(sources), device=q.device)
-    use_src = list(from_source) * len(sources)
-    swap = ~own_rep
-    if swap.any():  # A_new = A_src S: attend with the source's queries and keys
-        i = tgt_idx[swap]
-        q2[i] = q[src_idx[swap]]
-        k2[i] = k[src_idx[swap]]
-        v2[i] = sv[swap]
-    extra = None
-    if own_rep.any():
-        i = tgt_idx[own_rep]
-        t_rep = t.repeat(len(sources), 1)[own_rep].repeat(1, reps)
-        v2[i] = v[i] * t_rep[:, :, None]
-        both = own_rep & torch.tensor(use_src, device=q.device)
-        if any(o and u for o, u in zip(list(own) * len(sources), use_src)):
-            i = tgt_idx[both]
-            j = src_idx[both]
-            extra = (i, attention(q[j], k[j], sv[both], heads))
+    # Host-side bookkeeping only (no device reads): which target rows swap to the source's queries and
+    # keys (T = 0), which keep their own attention (T != 0) and which of those add a source term.
+    pairs = [(src, src + 1 + j, j) for src in sources for j in range(n)]
+    swap = [(src, row, j) for src, row, j in pairs if not own[j]]
+    keep = [(src, row, j) for src, row, j in pairs if own[j]]
+    both = [(src, row, j) for src, row, j in keep if from_source[j]]
+    dev = q.device
+
+    def index(rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, device=dev, dtype=torch.long)
+
+    def source_values(sel) -> torch.Tensor:
+        """``S_j V_tgt`` for the selected targets, indexed by source token (tiled to the key length)."""
+        vt = _fold(v.index_select(0, index([row for _, row, _ in sel])), length).reshape(len(sel), length, heads, d)
+        sj = s.index_select(0, index([j for _, _, j in sel]))
+        return torch.einsum("nst,nthd->nshd", sj, vt).reshape(len(sel), length, hd).repeat(1, reps, 1)
+
+    q2, k2, v2 = q, k, v.clone()
+    if swap:  # A_new = A_src S: these rows attend with their source's queries and keys
+        gather = list(range(b))
+        for src, row, _ in swap:
+            gather[row] = src
+        g = index(gather)
+        q2, k2 = q.index_select(0, g), k.index_select(0, g)
+        v2[index([row for _, row, _ in swap])] = source_values(swap)
+    if keep:  # A_tgt diag(T): scale the values of the target's own attention
+        rows = index([row for _, row, _ in keep])
+        tk = t.index_select(0, index([j for _, _, j in keep])).repeat(1, reps)
+        v2[rows] = v.index_select(0, rows) * tk[:, :, None]
     out = attention(q2, k2, v2, heads)
-    if extra is not None:
-        out[extra[0]] = out[extra[0]] + extra[1]
+    if both:  # + A_src S for targets that also keep their own attention (refine's new tokens)
+        srcs = index([src for src, _, _ in both])
+        rows = index([row for _, row, _ in both])
+        out[rows] = out[rows] + attention(q.index_select(0, srcs), k.index_select(0, srcs), source_values(both), heads)
     return out
 
 

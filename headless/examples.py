@@ -137,3 +137,7 @@ EXAMPLE_INPUTS["checkpoints"] += [c for c in _DUAL_CFG_INPUTS["checkpoints"] if 
 from .examples_p2p import EXAMPLES as _P2P  # noqa: E402
 
 EXAMPLES.update(_P2P)
+
+from .examples_inversion import EXAMPLES as _INVERSION  # noqa: E402
+
+EXAMPLES.update(_INVERSION)

@@ -16,7 +16,7 @@ FAST = {"steps": 3}
 INSTRUCTION = "make it a watercolor painting"
 ODD_IMAGE = "editlab_dual_cfg_odd.png"  # 70 x 61 px: not a multiple of 8
 # Parity with diffusers (fp32, CPU): final latents within this relative max error (max |ours - ref| / max |ref|).
-PARITY_RTOL = 1e-4
+PARITY_RTOL = 2e-5
 
 
 def call(node_id: str, **kwargs):
@@ -48,9 +48,14 @@ def ip2p_checkpoint(engine) -> Path:
 
 @pytest.fixture(scope="module")
 def ip2p(ip2p_checkpoint):
-    import nodes
+    """(model, clip, vae) by ComfyUI's stock loader, with the text encoder in fp32 for the fp32 parity check
+    (ComfyUI's default text-encoder dtype is fp16, even on CPU; ``--fp32-text-enc`` is the user's switch)."""
+    import comfy.sd
     with torch.inference_mode():
-        return nodes.CheckpointLoaderSimple().load_checkpoint(ip2p_checkpoint.name)[:3]
+        out = comfy.sd.load_checkpoint_guess_config(str(ip2p_checkpoint), output_vae=True, output_clip=True,
+                                                    te_model_options={"dtype": torch.float32})
+    assert type(out[0].model).__name__ == "SD15_instructpix2pix"
+    return out[:3]
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +270,7 @@ def test_matches_diffusers_instruct_pix2pix_pipeline(engine, ip2p, diffusers_ip2
     r = parity_run(engine, ip2p, diffusers_ip2p, steps=4, s_t=7.5, s_i=1.5)
     print(f"\nIP2P parity (4 steps, s_T 7.5, s_I 1.5, fp32): {r}")
     assert r["rel"] < PARITY_RTOL, r
-    assert r["image_max_abs"] < 1e-3, r
+    assert r["image_max_abs"] < 1e-4, r
 
 
 # -- workflows and bad input ------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_local_blend_keeps_the_outside_of_the_target_equal_to_the_source(sd15, s
     model, clip, _ = sd15
     cond, edit = encode(clip, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle",
                         blend_words="cat, dog")
-    controlled = control(model, edit, threshold=0.9, start_blend=0.0, map_size=4)
+    controlled = control(model, edit, threshold=0.999, start_blend=0.0, map_size=8)
     out = sample(controlled, cond, negative(clip), empty_latent(edit=edit), sampler=sampler, steps=4)
     controller = controlled.model_options["transformer_options"]["editlab_p2p"]
     mask = controller.last_maps["mask"]

@@ -1,0 +1,243 @@
+"""Inversion suite benchmarks (issue: inversion suite).
+
+1. Quality: latent-space reconstruction PSNR of DDIM inversion replayed with CFG 7.5 (drift baseline),
+   null-text, negative-prompt and direct inversion, plus the guidance-1 replay, on the random
+   SD1.5-architecture checkpoint with a ddim_uniform schedule.
+2. Null-text speed: EditLab's Null-Text Optimize vs the authors' algorithm re-run side by side (our
+   re-implementation of Mokady et al.'s loop on a diffusers UNet with the same weights, written from the
+   paper/notebook: cond forward, Adam inner loop with the loss test after each step, then a batched
+   [uncond, cond] forward for the step; UNet parameters left trainable as in the notebook). Wall time,
+   UNet forwards/backwards, and the reconstruction each reaches.
+3. Direct-inversion edit vs plain DDIM-inversion edit: sampling time of a [source, target] batch.
+4. Peak memory (process max RSS, separate subprocesses) of null-text optimisation vs plain sampling.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_inversion.py [--size 64] [--steps 50] [--inner 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_medians, machine, setup  # noqa: E402
+
+PROMPT, EDIT = "a photo of a lake with a boat", "a photo of a lake with a swan"
+
+
+def load(env):
+    import nodes
+    with torch.inference_mode():
+        return nodes.CheckpointLoaderSimple().load_checkpoint(env["checkpoint"])[:3]
+
+
+def image(size: int) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.random((size, size, 3)).astype(np.float32))[None]
+
+
+def ours(env, args):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
+    import nodes
+    from editlab.samplers.inversion import psnr
+    N = nodes.NODE_CLASS_MAPPINGS
+    model, clip, vae = load(env)
+    with torch.inference_mode():
+        src = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        edit = nodes.CLIPTextEncode().encode(clip, EDIT)[0]
+        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+        (latent,) = nodes.VAEEncode().encode(vae, image(args.size))
+        t = time.perf_counter()
+        inv, noise, sigmas = N["EditLabDDIMInvert"].execute(model=model, positive=src, latent=latent, steps=args.steps,
+                                                            scheduler="ddim_uniform", guidance=1.0,
+                                                            input_scaling="reference").result
+        t_invert = time.perf_counter() - t
+        t = time.perf_counter()
+        (tuned,) = N["EditLabNullTextOptimize"].execute(model=model, inversion=inv, negative=empty, guidance=7.5,
+                                                        inner_steps=args.inner, early_stop=1e-5,
+                                                        early_stop_slope=2e-5, learning_rate=1e-2,
+                                                        check_model=True).result
+        t_null = time.perf_counter() - t
+    euler = comfy.samplers.sampler_object("euler")
+
+    def replay(which, mode, cfg=7.5, positive=src, lat=noise):
+        (g,) = N["EditLabInversionGuider"].execute(model=model, inversion=which, positive=positive, negative=empty,
+                                                   cfg=cfg, mode=mode, check_model=True).result
+        with torch.inference_mode():
+            return cs.SamplerCustomAdvanced().sample(cs.Noise_EmptyNoise(), g, euler, sigmas, lat)[0]["samples"]
+
+    target = latent["samples"]
+    quality = {
+        "plain_cfg7.5 (drift baseline)": psnr(replay(inv, "plain")[:1], target),
+        "plain_cfg1 (sanity)": psnr(replay(inv, "plain", cfg=1.0)[:1], target),
+        "null-text": psnr(replay(tuned, "null-text")[:1], target),
+        "negative-prompt": psnr(replay(inv, "negative-prompt")[:1], target),
+        "direct": psnr(replay(inv, "direct")[:1], target),
+    }
+    with torch.inference_mode():
+        pair = [[torch.cat([src[0][0], edit[0][0]]), {}]]
+    pair_noise = {"samples": noise["samples"].repeat(2, 1, 1, 1)}
+    edit_times = interleaved_medians({
+        "direct": lambda: replay(inv, "direct", positive=pair, lat=pair_noise),
+        "plain": lambda: replay(inv, "plain", positive=pair, lat=pair_noise),
+    }, args.repeats)
+    stats = tuned.meta["null_text"]
+    return {"t_invert_s": t_invert, "t_null_text_s": t_null, "forwards": stats["forwards"],
+            "backwards": stats["backwards"], "quality_latent_psnr_db": quality,
+            "edit_s": edit_times, "ratio_direct_vs_plain_edit": edit_times["direct"] / edit_times["plain"],
+            "latent": target, "null_psnr": quality["null-text"]}
+
+
+def reference(env, args, target_latent):
+    """Mokady et al.'s null-text loop, re-implemented on diffusers (same weights, same image, fp32, CPU)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from editlab.samplers.inversion import psnr
+    pipe = StableDiffusionPipeline.from_pretrained(str(env["diffusers_dir"]), local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(args.steps)
+    unet, counts = pipe.unet, {"fwd": 0, "bwd": 0}
+    tok = pipe.tokenizer
+
+    def embed(text):
+        ids = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.text_encoder(ids)[0]
+
+    cond, uncond = embed(PROMPT), embed("")
+
+    def eps(latent, t, context):
+        counts["fwd"] += 1
+        return unet(latent, t, encoder_hidden_states=context).sample
+
+    a = sched.alphas_cumprod
+    final = sched.final_alpha_cumprod
+    step = sched.config.num_train_timesteps // args.steps
+
+    def prev_step(out, t, sample):
+        prev = t - step
+        a_t, a_prev = a[t], (a[prev] if prev >= 0 else final)
+        x0 = (sample - (1 - a_t) ** 0.5 * out) / a_t**0.5
+        return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * out
+
+    def next_step(out, t, sample):
+        t, t_next = min(t - step, 999), t
+        a_t, a_next = (a[t] if t >= 0 else final), a[t_next]
+        x0 = (sample - (1 - a_t) ** 0.5 * out) / a_t**0.5
+        return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * out
+
+    latent = target_latent.float() * 0.18215
+    with torch.no_grad():  # DDIM inversion (pivot)
+        traj, cur = [latent], latent
+        for i in range(args.steps):
+            t = int(sched.timesteps[len(sched.timesteps) - i - 1])
+            cur = next_step(eps(cur, t, cond), t, cur)
+            traj.append(cur)
+    counts["fwd"] = 0
+    t0 = time.perf_counter()
+    nulls, cur, u = [], traj[-1], uncond
+    for i in range(args.steps):
+        u = u.clone().detach().requires_grad_(True)
+        opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
+        prev_target = traj[len(traj) - i - 2]
+        t = int(sched.timesteps[i])
+        with torch.no_grad():
+            e_c = eps(cur, t, cond)
+        for _j in range(args.inner):
+            e_u = eps(cur, t, u)
+            rec = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
+            loss = torch.nn.functional.mse_loss(rec, prev_target)
+            opt.zero_grad()
+            loss.backward()
+            counts["bwd"] += 1
+            opt.step()
+            if loss.item() < 1e-5 + i * 2e-5:
+                break
+        nulls.append(u[:1].detach())
+        with torch.no_grad():
+            e = eps(torch.cat([cur] * 2), t, torch.cat([u, cond]))
+            counts["fwd"] += 1  # the batched [uncond, cond] forward counts as two evaluations
+            e_u, e_c = e.chunk(2)
+            cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
+    t_null = time.perf_counter() - t0
+    with torch.no_grad():  # replay with the optimised nulls
+        cur = traj[-1]
+        for i in range(args.steps):
+            t = int(sched.timesteps[i])
+            e_u, e_c = unet(cur, t, encoder_hidden_states=nulls[i]).sample, unet(cur, t, encoder_hidden_states=cond).sample
+            cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
+    return {"t_null_text_s": t_null, "forwards": counts["fwd"], "backwards": counts["bwd"],
+            "null_psnr": psnr(cur / 0.18215, target_latent.float())}
+
+
+def memory_phase(env, args, phase: str) -> None:
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
+    import nodes
+    N = nodes.NODE_CLASS_MAPPINGS
+    model, clip, vae = load(env)
+    with torch.inference_mode():
+        src = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+        (latent,) = nodes.VAEEncode().encode(vae, image(args.size))
+        inv, noise, sigmas = N["EditLabDDIMInvert"].execute(model=model, positive=src, latent=latent, steps=args.mem_steps,
+                                                            scheduler="ddim_uniform", guidance=1.0,
+                                                            input_scaling="reference").result
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        if phase == "plain":
+            g = cs.CFGGuider().get_guider(model, src, empty, 7.5)[0]
+            cs.SamplerCustomAdvanced().sample(cs.Noise_EmptyNoise(), g, comfy.samplers.sampler_object("euler"), sigmas, noise)
+        else:
+            N["EditLabNullTextOptimize"].execute(model=model, inversion=inv, negative=empty, guidance=7.5, inner_steps=2,
+                                                 early_stop=0.0, early_stop_slope=0.0, learning_rate=1e-2,
+                                                 check_model=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"phase": phase, "rss_before_kib": base, "peak_kib": peak}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mem-steps", type=int, default=5)
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--memory-phase", choices=["plain", "null-text"])
+    ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "out"))
+    args = ap.parse_args()
+    env = setup(args.work)
+    if args.memory_phase:
+        memory_phase(env, args, args.memory_phase)
+        return
+    mine = ours(env, args)
+    report = {"machine": machine(), "size": args.size, "steps": args.steps, "inner": args.inner,
+              "ours": {k: v for k, v in mine.items() if k not in ("latent",)}}
+    if not args.skip_reference:
+        ref = reference(env, args, mine["latent"])
+        report["reference"] = ref
+        report["null_text_speedup_ref_over_ours"] = ref["t_null_text_s"] / mine["t_null_text_s"]
+    mem = {}
+    for phase in ("plain", "null-text"):
+        out = subprocess.run([sys.executable, __file__, "--memory-phase", phase, "--size", str(args.size),
+                              "--work", args.work], capture_output=True, text=True, check=True)
+        mem[phase] = json.loads(out.stdout.strip().splitlines()[-1])
+    grow = {k: v["peak_kib"] - v["rss_before_kib"] for k, v in mem.items()}
+    report["memory"] = {"peak_rss_kib": {k: v["peak_kib"] for k, v in mem.items()}, "growth_kib": grow,
+                        "ratio_peak_null_text_vs_plain": mem["null-text"]["peak_kib"] / mem["plain"]["peak_kib"]}
+    print(json.dumps(report, indent=1, default=lambda o: float(o) if not math.isinf(float(o)) else "inf"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Example workflows of the inversion suite (see examples.py for the conventions)."""
+from __future__ import annotations
+
+from .builder import Graph
+from .examples import CHECKPOINT, PHOTO_IMAGE
+
+SAVED_INVERSION = "output/inversion_00001.safetensors"  # the first file 'Invert once and save' writes
+
+
+def _invert(g: Graph, source: str, steps: int = 50):
+    model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=CHECKPOINT)
+    image, _mask = g.add("LoadImage", 0, image=PHOTO_IMAGE)
+    (latent,) = g.add("VAEEncode", 1, pixels=image, vae=vae)
+    (src,) = g.add("CLIPTextEncode", 1, title="Source prompt (describe the photo)", text=source, clip=clip)
+    (empty,) = g.add("CLIPTextEncode", 1, title="Empty prompt", text="", clip=clip)
+    inv, noise, sigmas = g.add("EditLabDDIMInvert", 2, model=model, positive=src, latent=latent, steps=steps)
+    return model, clip, vae, image, latent, src, empty, inv, noise, sigmas
+
+
+def _replay(g: Graph, column: int, model, inv, positive, negative, noise, sigmas, vae, mode: str, title: str):
+    (guider,) = g.add("EditLabInversionGuider", column, title=f"Guider: {title}", model=model, inversion=inv,
+                      positive=positive, negative=negative, mode=mode, cfg=7.5)
+    (off,) = g.add("DisableNoise", column)
+    (sampler,) = g.add("KSamplerSelect", column, sampler_name="euler")
+    out, _ = g.add("SamplerCustomAdvanced", column, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
+                   latent_image=noise)
+    (decoded,) = g.add("VAEDecode", column, samples=out, vae=vae)
+    return out, decoded
+
+
+def invert_and_reconstruct(info: dict) -> dict:
+    g = Graph(info)
+    g.note(
+        "## Invert a photo and reconstruct it four ways\n\n"
+        "DDIM inversion (50 steps, guidance 1) gives the pivot trajectory. Replaying it with CFG 7.5 drifts\n"
+        "(*plain*); **null-text** optimisation (Mokady et al. 2023) fixes the drift with one optimised null\n"
+        "embedding per step; **negative-prompt** inversion (Miyake et al. 2023) uses the source prompt as the\n"
+        "negative, no optimisation; **direct** inversion (Ju et al. 2024) snaps the source row back onto the\n"
+        "pivot every step and reconstructs exactly. Each branch reports its latent PSNR.\n\n"
+        "* Use the same checkpoint for inversion and editing.\n"
+        "* The sampler must be single-evaluation (euler / ddim) on DDIM Invert's SIGMAS.",
+        column=0, width=520)
+    model, clip, vae, image, latent, src, empty, inv, noise, sigmas = _invert(g, "a photo of a lake with a boat")
+    (tuned,) = g.add("EditLabNullTextOptimize", 2, model=model, inversion=inv, negative=empty)
+    for col, (mode, which) in enumerate([("plain", inv), ("null-text", tuned), ("negative-prompt", inv),
+                                         ("direct", inv)], start=3):
+        out, decoded = _replay(g, col, model, which, src, empty, noise, sigmas, vae, mode, mode)
+        g.add("EditLabReconstructionPSNR", col, title=f"PSNR: {mode}", reconstruction_latent=out,
+              original_latent=latent)
+        g.add("SaveImage", col, images=decoded, filename_prefix=f"editlab_reconstruct_{mode}")
+    return g.to_json()
+
+
+def invert_once_and_save(info: dict) -> dict:
+    g = Graph(info)
+    g.note(
+        "## Invert once, save, reuse\n\n"
+        "Null-text inversion is the slow part (one optimisation per step). Save the result: every later edit\n"
+        "loads it in a second (see *Inversion - load a saved inversion, two edits*). Files go to\n"
+        "`output/inversions/`; copy them to `input/inversions/` to share them.",
+        column=0, width=460)
+    model, clip, vae, image, latent, src, empty, inv, noise, sigmas = _invert(g, "a photo of a lake with a boat")
+    (tuned,) = g.add("EditLabNullTextOptimize", 2, model=model, inversion=inv, negative=empty)
+    (name,) = g.add("EditLabSaveInversion", 3, inversion=tuned, filename_prefix="inversion",
+                    source_prompt="a photo of a lake with a boat")
+    g.add("PreviewAny", 3, title="saved as", source=name)
+    return g.to_json()
+
+
+def load_and_edit_twice(info: dict) -> dict:
+    g = Graph(info)
+    g.note(
+        "## Load a saved inversion and run two edits\n\n"
+        f"Pick a file saved by *Inversion - invert once and save* (`{SAVED_INVERSION}` here). Each edit is a\n"
+        "new target prompt sampled from the inversion's noise with the optimised null embeddings: no\n"
+        "recomputation. For edits that keep the layout exactly, add the Prompt-to-Prompt attention\n"
+        "controller (see the Prompt-to-Prompt workflows).",
+        column=0, width=460)
+    model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=CHECKPOINT)
+    inv, noise, sigmas = g.add("EditLabLoadInversion", 0, inversion=SAVED_INVERSION, model=model)
+    (empty,) = g.add("CLIPTextEncode", 1, title="Empty prompt", text="", clip=clip)
+    for col, text in [(2, "a watercolor painting of a lake with a boat"), (3, "a photo of a lake with a swan")]:
+        (target,) = g.add("CLIPTextEncode", 1, title=f"Edit: {text}", text=text, clip=clip)
+        _out, decoded = _replay(g, col, model, inv, target, empty, noise, sigmas, vae, "null-text", text)
+        g.add("SaveImage", col, images=decoded, filename_prefix="editlab_inversion_edit")
+    return g.to_json()
+
+
+EXAMPLES = {
+    "Inversion - invert and reconstruct (all modes, PSNR)": invert_and_reconstruct,
+    "Inversion - invert once and save": invert_once_and_save,
+    "Inversion - load a saved inversion, two edits": load_and_edit_twice,
+}
