@@ -141,3 +141,7 @@ EXAMPLES.update(_P2P)
 from .examples_inversion import EXAMPLES as _INVERSION  # noqa: E402
 
 EXAMPLES.update(_INVERSION)
+
+from .examples_subject import EXAMPLES as _SUBJECT  # noqa: E402
+
+EXAMPLES.update(_SUBJECT)

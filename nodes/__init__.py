@@ -11,10 +11,11 @@ from comfy_api.latest import ComfyExtension, io
 from . import inversion, sdedit
 from . import dual_cfg
 from . import p2p
+from . import subject
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*sdedit.NODES, *inversion.NODES, *dual_cfg.NODES, *p2p.NODES]
+    return [*sdedit.NODES, *inversion.NODES, *dual_cfg.NODES, *p2p.NODES, *subject.NODES]
 
 
 class EditLabExtension(ComfyExtension):

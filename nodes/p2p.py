@@ -19,10 +19,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from typing_extensions import override  # noqa: F401  (kept for symmetry with the other node modules)
 
 import comfy.ldm.modules.attention as comfy_attention
-import comfy.patcher_extension
 from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 

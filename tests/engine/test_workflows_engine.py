@@ -23,6 +23,13 @@ def _ensure_checkpoints(engine, workflow: dict) -> None:
         if not path.exists():
             random_models.build_sd15_checkpoint(path, seed=1, in_channels=8, dtype=torch.float32)
             folder_paths.filename_list_cache.clear()
+    if any(n["type"] == "EditLabSubjectEncoderLoader" for n in workflow["nodes"]):
+        from random_subject_encoder import write_subject_encoder_folder
+        base = engine.root / "models" / "blip_diffusion"
+        if not (base / "blipdiffusion").exists():
+            write_subject_encoder_folder(base / "blipdiffusion", seed=0, width=768)
+        folder_paths.add_model_folder_path("blip_diffusion", str(base), is_default=True)
+        folder_paths.filename_list_cache.clear()
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

@@ -755,3 +755,47 @@ def iter_checkpoint_keys(ckpt_path: PathLike) -> Iterator[str]:
 
     with safe_open(str(ckpt_path), framework="pt") as f:
         yield from f.keys()
+
+
+# --------------------------------------------------------------------------
+# A tiny SDXL-family model, built in memory (too small for the stock loader's
+# detection, so the model config is constructed directly, as TESTING.md allows)
+# --------------------------------------------------------------------------
+
+
+def tiny_sdxl_model(seed: int = 0, *, comfyui_path: PathLike | None = None) -> Any:
+    """A ``ModelPatcher`` around a random SDXL-architecture UNet with tiny widths.
+
+    Same family as SDXL for ComfyUI: ``model_base.SDXL`` (eps prediction, SDXL latent format,
+    2048-d context, 2816-d ADM input from the pooled text embedding + size conditioning).
+    Every parameter is filled from ``seed``. Conditioning for it: ``[[torch.randn(1, 77, 2048),
+    {"pooled_output": torch.randn(1, 1280)}]]``.
+    """
+    ensure_comfy_importable(comfyui_path)
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 64, "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048,
+        "num_head_channels": 32, "transformer_depth_output": [1, 1, 1, 1], "use_temporal_resblock": False,
+        "use_temporal_attention": False,
+    }
+    config = comfy.supported_models.SDXL(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.ones_like(p) if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight")
+                        else torch.randn(p.shape, generator=gen) * 0.02)
+            else:
+                fan_in = max(1, p[0].numel())
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())

@@ -1,0 +1,127 @@
+"""BLIP-Diffusion subject nodes on the real ComfyUI engine: splicing against ComfyUI's SD1 tokenizer and CLIP,
+the loader through the registered model folder, and the shipped workflow end to end."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+WORKFLOW = "Subject - zero-shot subject-driven generation (BLIP-Diffusion)"
+FAST = {"steps": 3, "width": 64, "height": 64}
+PROMPT = "swimming underwater"
+
+
+def call(node_id: str, **kwargs):
+    import nodes
+    with torch.inference_mode():
+        return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**kwargs).result
+
+
+@pytest.fixture(scope="module")
+def subject_folder(engine):
+    """A random subject encoder in the real layout, in the registered models/blip_diffusion folder."""
+    import folder_paths
+    from random_subject_encoder import write_subject_encoder_folder
+    from editlab.headless.examples_subject import SUBJECT_FOLDER
+
+    base = engine.root / "models" / "blip_diffusion"
+    if not (base / SUBJECT_FOLDER).exists():
+        write_subject_encoder_folder(base / SUBJECT_FOLDER, seed=0, width=768)
+    folder_paths.add_model_folder_path("blip_diffusion", str(base), is_default=True)
+    return SUBJECT_FOLDER
+
+
+@pytest.fixture(scope="module")
+def subject(subject_folder, engine):
+    from editlab.nodes.subject import subject_folders
+    assert subject_folder in subject_folders()
+    (encoder,) = call("EditLabSubjectEncoderLoader", folder=subject_folder)
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    (subj,) = call("EditLabSubjectEncode", subject_encoder=encoder, image=image, class_word="dog")
+    return subj
+
+
+def _encode(clip, tokens):
+    with torch.inference_mode():
+        return clip.encode_from_tokens_scheduled(tokens)[0][0]
+
+
+def test_loader_is_managed_and_encode_is_deterministic(subject_folder, subject):
+    import comfy.model_patcher
+    (encoder,) = call("EditLabSubjectEncoderLoader", folder=subject_folder)
+    assert isinstance(encoder.patcher, comfy.model_patcher.ModelPatcher)
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    (again,) = call("EditLabSubjectEncode", subject_encoder=encoder, image=image, class_word="dog")
+    (other,) = call("EditLabSubjectEncode", subject_encoder=encoder, image=torch.rand(1, 64, 64, 3), class_word="dog")
+    assert subject.embeds.shape == (16, 768) and subject.class_word == "dog"
+    assert torch.equal(subject.embeds, again.embeds)
+    assert (subject.embeds - other.embeds).abs().max() > 1e-3
+    (both,) = call("EditLabSubjectEncode", subject_encoder=encoder, image=torch.cat([image, image]), class_word="dog")
+    assert torch.allclose(both.embeds, subject.embeds, atol=1e-5)  # a batch is averaged
+
+
+def test_splice_lands_at_reference_position(sd15, subject):
+    from editlab.guidance.subject import build_prompt
+    from editlab.nodes.subject import subject_tokens
+    _model, clip, _vae = sd15
+    text = build_prompt(PROMPT, "dog")
+    tokens, report = subject_tokens(clip, subject, text)
+    row = tokens["l"][0]
+    assert len(tokens["l"]) == 1 and len(row) == 77
+    plain = [t for chunk in clip.tokenize(text, return_word_ids=True)["l"] for (t, _w, word) in chunk if word != 0]
+    tok = clip.tokenizer.clip_l
+    assert row[0][0] == tok.start_token and row[1][0] == plain[0]  # BOS, "a"
+    for i in range(16):
+        assert torch.equal(row[2 + i][0], subject.embeds[i])
+    assert [t for t, _ in row[18:76]] == plain[1:59] and row[76][0] == tok.end_token
+    assert "59 of" in report and "truncated" in report
+
+
+def test_subject_vectors_enter_before_position_embeddings(sd15, subject):
+    """Splicing CLIP's own token embeddings of 16 tokens must equal encoding those tokens as ids."""
+    from editlab.guidance.subject import Subject
+    from editlab.nodes.subject import subject_tokens
+    _model, clip, _vae = sd15
+    text = "a dog " + PROMPT
+    ids = [t for t, _ in clip.tokenize("a " + "cat " * 16)["l"][0][2:18]]
+    table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.detach().float().cpu()
+    fake = Subject(table[ids].clone(), "dog")
+    tokens, _ = subject_tokens(clip, fake, text)
+    as_ids = [(t if torch.is_tensor(t) is False else ids[i - 2], w) for i, (t, w) in enumerate(tokens["l"][0])]
+    assert torch.allclose(_encode(clip, tokens), _encode(clip, {"l": [as_ids]}), atol=1e-4)
+
+
+def test_subject_prompt_node_positive_negative(sd15, subject):
+    _model, clip, _vae = sd15
+    positive, negative, report = call("EditLabSubjectPrompt", clip=clip, subject=subject, prompt=PROMPT,
+                                      target_class="", prompt_strength=1.0, prompt_reps=20, negative_prompt="blurry")
+    plain = _encode(clip, clip.tokenize("a dog " + PROMPT))
+    assert positive[0][0].shape == (1, 77, 768)
+    # causal text encoder: BOS and "a" are untouched by the subject that follows them
+    assert torch.allclose(positive[0][0][:, :2], plain[:, :2], atol=1e-5)
+    assert (positive[0][0][:, 2:18] - plain[:, 2:18]).abs().max() > 1e-3
+    assert torch.equal(negative[0][0], _encode(clip, clip.tokenize("blurry")))  # no subject in the negative
+    assert "16 vectors at position 2" in report
+
+
+def test_bad_inputs(sd15, subject):
+    from editlab.guidance.subject import Subject
+    _model, clip, _vae = sd15
+    with pytest.raises(ValueError, match="32 wide"):
+        call("EditLabSubjectPrompt", clip=clip, subject=Subject(torch.zeros(16, 32), "dog"), prompt=PROMPT,
+             target_class="", prompt_strength=1.0, prompt_reps=20, negative_prompt="")
+    with pytest.raises(ValueError, match="repetitions"):
+        call("EditLabSubjectPrompt", clip=clip, subject=subject, prompt=PROMPT, target_class="",
+             prompt_strength=0.0, prompt_reps=20, negative_prompt="")
+    with pytest.raises(ValueError, match="not found"):
+        call("EditLabSubjectEncoderLoader", folder="no-such-folder")
+    (mixed,) = call("EditLabSubjectMix", subject_a=subject, weight_a=0.5, subject_b=subject, weight_b=0.5,
+                    class_word="")
+    assert torch.allclose(mixed.embeds, subject.embeds) and mixed.class_word == "dog"
+
+
+def test_workflow_runs(engine, subject_folder):
+    prompt = engine.prompt(WORKFLOW, **FAST)
+    result = engine.run(prompt)
+    assert result.images
+    sampler = [k for k, v in prompt.items() if v["class_type"] == "KSampler"][0]
+    assert torch.isfinite(result.node_output(sampler)[0][0]["samples"]).all()
