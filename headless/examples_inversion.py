@@ -91,3 +91,66 @@ EXAMPLES = {
     "Inversion - invert once and save": invert_once_and_save,
     "Inversion - load a saved inversion, two edits": load_and_edit_twice,
 }
+
+
+def _p2p_real_photo(info: dict, *, mode: str, note: str, prefix: str, blend_words: str,
+                    self_replace_steps: float) -> dict:
+    from .examples_p2p import p2p_graph
+
+    g = Graph(info)
+    g.note(note, column=0, width=520)
+    model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=CHECKPOINT)
+    image, _mask = g.add("LoadImage", 0, image=PHOTO_IMAGE)
+    (latent,) = g.add("VAEEncode", 1, pixels=image, vae=vae)
+    source, target = "a photo of a lake with a boat", "a photo of a lake with a swan"
+    p = p2p_graph(g, source=source, target=target, mode="replace", blend_words=blend_words,
+                  cross_replace_steps=0.8, self_replace_steps=self_replace_steps, start_blend=0.2,
+                  model=model, clip=clip, vae=vae)
+    (src,) = g.add("CLIPTextEncode", 1, title="Source prompt (for the inversion)", text=source, clip=clip)
+    inv, noise, sigmas = g.add("EditLabDDIMInvert", 2, model=model, positive=src, latent=latent, steps=50)
+    if mode == "null-text":
+        (inv,) = g.add("EditLabNullTextOptimize", 2, model=model, inversion=inv, negative=p["negative"])
+    (rows,) = g.add("EditLabP2PLatentBatch", 3, latent=noise, edit=p["edit"])
+    (guider,) = g.add("EditLabInversionGuider", 3, model=p["model"], inversion=inv, positive=p["positive"],
+                      negative=p["negative"], mode=mode, cfg=7.5)
+    (off,) = g.add("DisableNoise", 3)
+    (sampler,) = g.add("KSamplerSelect", 3, sampler_name="euler")
+    out, _ = g.add("SamplerCustomAdvanced", 4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
+                   latent_image=rows)
+    (decoded,) = g.add("VAEDecode", 4, samples=out, vae=vae)
+    g.add("SaveImage", 4, images=decoded, filename_prefix=prefix)
+    g.add("EditLabReconstructionPSNR", 4, title="Source row PSNR", reconstruction_latent=out, original_latent=latent)
+    (maps,) = g.add("EditLabAttentionMaps", 5, model=p["model"], samples=out, tile_size=128)
+    g.add("SaveImage", 5, images=maps, filename_prefix=prefix + "_maps")
+    return g.to_json()
+
+
+def p2p_real_null_text_blend(info: dict) -> dict:
+    return _p2p_real_photo(
+        info, mode="null-text", prefix="editlab_p2p_real_null_text", blend_words="boat, swan",
+        self_replace_steps=0.5,
+        note="## Edit a real photo: null-text inversion + Prompt-to-Prompt + local blend\n\n"
+             "Mokady et al. 2023 + Hertz et al. 2023. The photo is DDIM-inverted with its source prompt, the\n"
+             "null embeddings are optimised, then [source, target] are sampled from the inverted noise with\n"
+             "the attention controller: the target keeps the photo's layout, and **local blend** confines the\n"
+             "change to where *boat* / *swan* attend. Output: the reconstruction, then the edit.\n\n"
+             "* Describe the photo in the source prompt; change words in the target (same word count).\n"
+             "* Settings: cross 0.8 / self 0.5, start_blend 0.2 (the null-text notebook).\n"
+             "* Invert and optimise with the *plain* model; sample with the controlled one.")
+
+
+def p2p_real_direct(info: dict) -> dict:
+    return _p2p_real_photo(
+        info, mode="direct", prefix="editlab_p2p_real_direct", blend_words="", self_replace_steps=0.6,
+        note="## Edit a real photo: direct inversion + Prompt-to-Prompt\n\n"
+             "Ju et al. 2024 (PnP Inversion): no optimisation at all. The source row is snapped back onto the\n"
+             "inversion trajectory after every step, so it reconstructs the photo exactly, and the target\n"
+             "row follows it through the attention controller. Seconds instead of a null-text optimisation.\n\n"
+             "* The sampler must be euler / ddim on DDIM Invert's SIGMAS.\n"
+             "* Add blend words to confine the edit (local blend).")
+
+
+EXAMPLES.update({
+    "Prompt-to-Prompt - real photo, null-text inversion + local blend": p2p_real_null_text_blend,
+    "Prompt-to-Prompt - real photo, direct inversion": p2p_real_direct,
+})
