@@ -46,6 +46,39 @@ def subject_zero_shot(info: dict) -> dict:
     return g.to_json()
 
 
+def subject_vs_text_balance(info: dict) -> dict:
+    g = Graph(info)
+    g.note(
+        "## Subject vs text: two scales with the Dual CFG Combiner\n\n"
+        "BLIP-Diffusion's prompt carries the subject *and* the text. The Dual CFG Combiner separates them:\n"
+        "**neither** = the negative prompt, **base_only** = the text prompt alone, **both** = text + subject.\n"
+        "`base_scale` is then the text's guidance (7.5 as usual) and `extra_scale` the subject's: raise it\n"
+        "for subject fidelity, lower it when the subject overrides the prompt (swimming, style, scene).\n"
+        "The same pattern balances any 'with / without an extra condition' pair.",
+        column=0, width=480)
+    model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SUBJECT_CHECKPOINT)
+    image, _mask = g.add("LoadImage", 0, image=SUBJECT_IMAGE)
+    (encoder,) = g.add("EditLabSubjectEncoderLoader", 1, folder=SUBJECT_FOLDER)
+    (subject,) = g.add("EditLabSubjectEncode", 1, subject_encoder=encoder, image=image, class_word="dog")
+    both, negative, _report = g.add("EditLabSubjectPrompt", 2, clip=clip, subject=subject,
+                                    prompt="swimming underwater", target_class="", prompt_strength=1.0,
+                                    prompt_reps=20, negative_prompt=NEGATIVE)
+    (text_only,) = g.add("CLIPTextEncode", 2, title="Text only (same prompt, no subject)",
+                         text="a dog swimming underwater", clip=clip)
+    (guider,) = g.add("EditLabDualCFGCombiner", 3, model=model, both=both, base_only=text_only, neither=negative,
+                      extra_scale=5.0, base_scale=7.5)
+    (latent,) = g.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
+    (noise,) = g.add("RandomNoise", 3, noise_seed=88888)
+    (sampler,) = g.add("KSamplerSelect", 3, sampler_name="ddim")
+    (sigmas,) = g.add("BasicScheduler", 3, model=model, scheduler="ddim_uniform", steps=50, denoise=1.0)
+    out, _ = g.add("SamplerCustomAdvanced", 4, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                   latent_image=latent)
+    (decoded,) = g.add("VAEDecode", 4, samples=out, vae=vae)
+    g.add("SaveImage", 4, images=decoded, filename_prefix="editlab_subject_vs_text")
+    return g.to_json()
+
+
 EXAMPLES: dict[str, Callable[[dict], dict]] = {
     "Subject - zero-shot subject-driven generation (BLIP-Diffusion)": subject_zero_shot,
+    "Dual CFG - subject vs text balance (BLIP-Diffusion)": subject_vs_text_balance,
 }
