@@ -28,8 +28,14 @@ def main() -> None:
     ap.add_argument("--t0", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--comfy-fp16-text-encoder", action="store_true",
+                    help="keep ComfyUI's CPU default (fp16 text encoder, slow on CPUs); default is --fp32-text-enc")
     args = ap.parse_args()
     env = setup(args.work)
+    import comfy.cli_args
+    # On a CPU, ComfyUI's default text-encoder dtype is fp16, which CPUs run slowly; diffusers runs fp32.
+    # Like starting ComfyUI with --fp32-text-enc, so both sides encode prompts in fp32.
+    comfy.cli_args.args.fp32_text_enc = not args.comfy_fp16_text_encoder
 
     import nodes
     import comfy.samplers
@@ -103,7 +109,7 @@ def main() -> None:
     e2e = interleaved_medians({"editlab_sdedit": editlab_e2e, "diffusers_img2img": diffusers_e2e}, args.repeats)
 
     report = {
-        "machine": machine(), "size": args.size, "steps": args.steps, "t0": args.t0, "repeats": args.repeats,
+        "machine": machine(), "fp32_text_encoder": not args.comfy_fp16_text_encoder, "size": args.size, "steps": args.steps, "t0": args.t0, "repeats": args.repeats,
         "sampler_overhead_s": overhead,
         "ratio_stochastic_vs_euler_ancestral": overhead["editlab_stochastic"] / overhead["native_euler_ancestral"],
         "ratio_deterministic_vs_euler": overhead["editlab_deterministic"] / overhead["native_euler"],
