@@ -316,3 +316,28 @@ def test_cfg_replacing_model_patches_are_refused_with_the_fix(ip2p, levels):
     patched = adv.RescaleCFG().patch(ip2p[0], 0.7)[0]
     with pytest.raises(ValueError, match="use this node's 'rescale' input"):
         combiner(patched, levels)
+
+
+def test_sdxl_based_edit_model_works_with_the_combiner(engine, ip2p, photo):
+    """An SDXL-family instruct-pix2pix model (tiny random UNet, ComfyUI class SDXL_instructpix2pix):
+    the combiner accepts it and equals ComfyUI's DualCFGGuider on it."""
+    import comfy_extras.nodes_custom_sampler as cs
+    import random_models
+    model = random_models.tiny_sdxl_model(seed=2, in_channels=8)
+    assert type(model.model).__name__ == "SDXL_instructpix2pix"
+    _, _, vae = ip2p
+    with torch.inference_mode():
+        image_latent = vae.encode(photo[:, :64, :64, :3])
+    g = torch.Generator().manual_seed(3)
+    text, empty = torch.randn(1, 77, 2048, generator=g), torch.randn(1, 77, 2048, generator=g)
+    pooled = torch.randn(1, 1280, generator=g)
+    both = [[text, {"pooled_output": pooled, "concat_latent_image": image_latent}]]
+    image_only = [[empty, {"pooled_output": pooled, "concat_latent_image": image_latent}]]
+    neither = [[empty, {"pooled_output": pooled, "concat_latent_image": torch.zeros_like(image_latent)}]]
+    levels = (both, image_only, neither, {"samples": torch.zeros_like(image_latent)})
+    sigmas = schedule(model)
+    ours = run_guider(combiner(model, levels), levels[3], sigmas)
+    native = run_guider(cs.DualCFGGuider().get_guider(model, both, image_only, neither, 7.5, 1.5, "regular")[0],
+                        levels[3], sigmas)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, native, rtol=1e-4, atol=1e-4)

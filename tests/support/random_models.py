@@ -763,13 +763,14 @@ def iter_checkpoint_keys(ckpt_path: PathLike) -> Iterator[str]:
 # --------------------------------------------------------------------------
 
 
-def tiny_sdxl_model(seed: int = 0, *, comfyui_path: PathLike | None = None) -> Any:
+def tiny_sdxl_model(seed: int = 0, *, in_channels: int = 4, comfyui_path: PathLike | None = None) -> Any:
     """A ``ModelPatcher`` around a random SDXL-architecture UNet with tiny widths.
 
     Same family as SDXL for ComfyUI: ``model_base.SDXL`` (eps prediction, SDXL latent format,
     2048-d context, 2816-d ADM input from the pooled text embedding + size conditioning).
     Every parameter is filled from ``seed``. Conditioning for it: ``[[torch.randn(1, 77, 2048),
-    {"pooled_output": torch.randn(1, 1280)}]]``.
+    {"pooled_output": torch.randn(1, 1280)}]]``. ``in_channels=8`` gives ComfyUI's
+    ``SDXL_instructpix2pix`` class (an SDXL-based edit model).
     """
     ensure_comfy_importable(comfyui_path)
     import comfy.model_management
@@ -778,13 +779,14 @@ def tiny_sdxl_model(seed: int = 0, *, comfyui_path: PathLike | None = None) -> A
 
     unet_config = {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": in_channels,
         "model_channels": 64, "num_res_blocks": [1, 1], "transformer_depth": [1, 1], "channel_mult": [1, 2],
         "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048,
         "num_head_channels": 32, "transformer_depth_output": [1, 1, 1, 1], "use_temporal_resblock": False,
         "use_temporal_attention": False,
     }
-    config = comfy.supported_models.SDXL(unet_config)
+    family = comfy.supported_models.SDXL_instructpix2pix if in_channels == 8 else comfy.supported_models.SDXL
+    config = family(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     gen = torch.Generator().manual_seed(seed)
