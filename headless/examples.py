@@ -20,6 +20,15 @@ def _base(g: Graph, positive: str, negative: str = "blurry, lowres, watermark"):
     return model, clip, vae, pos, neg
 
 
+def _guide_sample_save(g: Graph, column: int, model, pos, neg, noise, sampler, sigmas, latent, vae, prefix: str):
+    """CFGGuider -> SamplerCustomAdvanced -> VAEDecode -> SaveImage, the common end of the SDEdit graphs."""
+    (guider,) = g.add("CFGGuider", column, model=model, positive=pos, negative=neg, cfg=7.5)
+    out, _denoised = g.add("SamplerCustomAdvanced", column, noise=noise, guider=guider, sampler=sampler,
+                           sigmas=sigmas, latent_image=latent)
+    (decoded,) = g.add("VAEDecode", column, samples=out, vae=vae)
+    g.add("SaveImage", column, images=decoded, filename_prefix=prefix)
+
+
 def sdedit_stroke_painting(info: dict) -> dict:
     g = Graph(info)
     g.note(
@@ -38,11 +47,7 @@ def sdedit_stroke_painting(info: dict) -> dict:
     noised, sigmas = g.add("EditLabSDEPerturb", 2, model=model, latent=latent, t0=0.5, steps=20)
     (sampler,) = g.add("EditLabReverseSDESampler", 2)
     (noise,) = g.add("DisableNoise", 2)
-    (guider,) = g.add("CFGGuider", 2, model=model, positive=pos, negative=neg, cfg=7.5)
-    out, _denoised = g.add("SamplerCustomAdvanced", 3, noise=noise, guider=guider, sampler=sampler,
-                           sigmas=sigmas, latent_image=noised)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
-    g.add("SaveImage", 3, images=decoded, filename_prefix="editlab_sdedit")
+    _guide_sample_save(g, 3, model, pos, neg, noise, sampler, sigmas, noised, vae, "editlab_sdedit")
     return g.to_json()
 
 
@@ -64,11 +69,7 @@ def sdedit_masked_photo_edit(info: dict) -> dict:
     (inner,) = g.add("EditLabReverseSDESampler", 2)
     (sampler,) = g.add("EditLabKnownRegionSampler", 2, sampler=inner, mask=mask, guide=latent, known_noise="same")
     (noise,) = g.add("DisableNoise", 2)
-    (guider,) = g.add("CFGGuider", 3, model=model, positive=pos, negative=neg, cfg=7.5)
-    out, _ = g.add("SamplerCustomAdvanced", 3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                   latent_image=noised)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
-    g.add("SaveImage", 3, images=decoded, filename_prefix="editlab_masked_sdedit")
+    _guide_sample_save(g, 3, model, pos, neg, noise, sampler, sigmas, noised, vae, "editlab_masked_sdedit")
     return g.to_json()
 
 
@@ -111,11 +112,7 @@ def glide_inpaint(info: dict) -> dict:
     (sampler,) = g.add("EditLabKnownRegionSampler", 2, sampler=inner, mask=mask, known_noise="fresh", replace_on="both")
     (sigmas,) = g.add("BasicScheduler", 2, model=model, scheduler="normal", steps=25, denoise=1.0)
     (noise,) = g.add("RandomNoise", 2)
-    (guider,) = g.add("CFGGuider", 3, model=model, positive=pos, negative=neg, cfg=7.5)
-    out, _ = g.add("SamplerCustomAdvanced", 3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                   latent_image=latent)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
-    g.add("SaveImage", 3, images=decoded, filename_prefix="editlab_glide_inpaint")
+    _guide_sample_save(g, 3, model, pos, neg, noise, sampler, sigmas, latent, vae, "editlab_glide_inpaint")
     return g.to_json()
 
 

@@ -15,6 +15,18 @@ NEGATIVE = ("over-exposure, under-exposure, saturated, duplicate, out of frame, 
             "low quality, jpeg artifacts, morbid, mutilated, ugly, bad anatomy, bad proportions, deformed, blurry")
 
 
+def _subject_prompt(g: Graph):
+    """Checkpoint + subject photo -> Subject Encoder Loader -> Subject Encode -> Subject Prompt."""
+    model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SUBJECT_CHECKPOINT)
+    image, _mask = g.add("LoadImage", 0, image=SUBJECT_IMAGE)
+    (encoder,) = g.add("EditLabSubjectEncoderLoader", 1, folder=SUBJECT_FOLDER)
+    (subject,) = g.add("EditLabSubjectEncode", 1, subject_encoder=encoder, image=image, class_word="dog")
+    positive, negative, _report = g.add("EditLabSubjectPrompt", 2, clip=clip, subject=subject,
+                                        prompt="swimming underwater", target_class="", prompt_strength=1.0,
+                                        prompt_reps=20, negative_prompt=NEGATIVE)
+    return model, clip, vae, positive, negative
+
+
 def subject_zero_shot(info: dict) -> dict:
     g = Graph(info)
     g.note(
@@ -31,13 +43,7 @@ def subject_zero_shot(info: dict) -> dict:
         "  **target_class** to re-render the subject as another category. The report shows the budget.\n"
         "* Reference: 50 steps (PNDM; ddim/euler here), CFG 7.5, 512 x 512.",
         column=0, width=480)
-    model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SUBJECT_CHECKPOINT)
-    image, _mask = g.add("LoadImage", 0, image=SUBJECT_IMAGE)
-    (encoder,) = g.add("EditLabSubjectEncoderLoader", 1, folder=SUBJECT_FOLDER)
-    (subject,) = g.add("EditLabSubjectEncode", 1, subject_encoder=encoder, image=image, class_word="dog")
-    positive, negative, _report = g.add("EditLabSubjectPrompt", 2, clip=clip, subject=subject,
-                                        prompt="swimming underwater", target_class="", prompt_strength=1.0,
-                                        prompt_reps=20, negative_prompt=NEGATIVE)
+    model, clip, vae, positive, negative = _subject_prompt(g)
     (latent,) = g.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
     (out,) = g.add("KSampler", 3, model=model, positive=positive, negative=negative, latent_image=latent,
                    seed=88888, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
@@ -56,13 +62,7 @@ def subject_vs_text_balance(info: dict) -> dict:
         "for subject fidelity, lower it when the subject overrides the prompt (swimming, style, scene).\n"
         "The same pattern balances any 'with / without an extra condition' pair.",
         column=0, width=480)
-    model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SUBJECT_CHECKPOINT)
-    image, _mask = g.add("LoadImage", 0, image=SUBJECT_IMAGE)
-    (encoder,) = g.add("EditLabSubjectEncoderLoader", 1, folder=SUBJECT_FOLDER)
-    (subject,) = g.add("EditLabSubjectEncode", 1, subject_encoder=encoder, image=image, class_word="dog")
-    both, negative, _report = g.add("EditLabSubjectPrompt", 2, clip=clip, subject=subject,
-                                    prompt="swimming underwater", target_class="", prompt_strength=1.0,
-                                    prompt_reps=20, negative_prompt=NEGATIVE)
+    model, clip, vae, both, negative = _subject_prompt(g)
     (text_only,) = g.add("CLIPTextEncode", 2, title="Text only (same prompt, no subject)",
                          text="a dog swimming underwater", clip=clip)
     (guider,) = g.add("EditLabDualCFGCombiner", 3, model=model, both=both, base_only=text_only, neither=negative,
