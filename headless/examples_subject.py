@@ -11,6 +11,8 @@ from .builder import Graph
 SUBJECT_FOLDER = "blipdiffusion"  # models/blip_diffusion/blipdiffusion/ (the release folder, diffusers layout)
 SUBJECT_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SUBJECT_IMAGE = "editlab_photo.png"
+STRUCTURE_IMAGE = "editlab_stroke.png"
+CONTROLNET = "control_v11p_sd15_canny.safetensors"
 NEGATIVE = ("over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped, worst quality, "
             "low quality, jpeg artifacts, morbid, mutilated, ugly, bad anatomy, bad proportions, deformed, blurry")
 
@@ -78,7 +80,31 @@ def subject_vs_text_balance(info: dict) -> dict:
     return g.to_json()
 
 
+def subject_with_controlnet(info: dict) -> dict:
+    g = Graph(info)
+    g.note(
+        "## Subject + structure: BLIP-Diffusion with a ControlNet\n\n"
+        "The subject comes from the spliced subject embeddings; the layout comes from a ControlNet on the\n"
+        "same conditioning (ComfyUI's own Apply ControlNet). Use an edge / depth map of the scene you want.\n\n"
+        f"* **Load ControlNet Model**: an SD1.5 ControlNet (`{CONTROLNET}` here).\n"
+        "* **Load Image (structure)**: the control image, already preprocessed (e.g. canny edges).\n"
+        "* **strength** 0.6-1.0: how strictly the structure is followed.",
+        column=0, width=480)
+    model, clip, vae, positive, negative = _subject_prompt(g)
+    (control,) = g.add("ControlNetLoader", 1, control_net_name=CONTROLNET)
+    structure, _m = g.add("LoadImage", 1, title="Load Image (structure)", image=STRUCTURE_IMAGE)
+    c_pos, c_neg = g.add("ControlNetApplyAdvanced", 2, positive=positive, negative=negative, control_net=control,
+                         image=structure, strength=0.8, start_percent=0.0, end_percent=1.0, vae=vae)
+    (latent,) = g.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
+    (out,) = g.add("KSampler", 3, model=model, positive=c_pos, negative=c_neg, latent_image=latent,
+                   seed=88888, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
+    g.add("SaveImage", 3, images=decoded, filename_prefix="editlab_subject_controlnet")
+    return g.to_json()
+
+
 EXAMPLES: dict[str, Callable[[dict], dict]] = {
+    "Subject - with ControlNet structure (BLIP-Diffusion)": subject_with_controlnet,
     "Subject - zero-shot subject-driven generation (BLIP-Diffusion)": subject_zero_shot,
     "Dual CFG - subject vs text balance (BLIP-Diffusion)": subject_vs_text_balance,
 }

@@ -140,3 +140,43 @@ def test_lora_composes_with_sdedit_and_inversion(engine, sd15, lora_model):
     with pytest.raises(ValueError, match="another model"):  # the LoRA changes the fingerprint
         call("EditLabInversionGuider", model=base, inversion=tuned, positive=pos, negative=neg, cfg=7.5,
              mode="null-text", check_model=True)
+
+
+@pytest.fixture(scope="module")
+def controlnet(engine, sd15):
+    """A random ControlNet for the SD1.5-architecture UNet, written in the original LDM layout and loaded
+    by ComfyUI's stock ControlNetLoader."""
+    import folder_paths
+    import nodes
+    import random_models
+    folder = engine.root / "models" / "controlnet"
+    random_models.build_sd15_controlnet(folder / "editlab_random_controlnet.safetensors",
+                                        sd15[0].model.model_config.unet_config)
+    folder_paths.add_model_folder_path("controlnet", str(folder), is_default=True)
+    folder_paths.filename_list_cache.clear()
+    with torch.inference_mode():
+        return nodes.ControlNetLoader().load_controlnet("editlab_random_controlnet.safetensors")[0]
+
+
+def test_controlnet_composes_with_sdedit_and_the_known_region_sampler(engine, sd15, controlnet):
+    import comfy_extras.nodes_custom_sampler as cs
+    import nodes
+    model, clip, vae = sd15
+    with torch.inference_mode():
+        pos = nodes.CLIPTextEncode().encode(clip, "a red boat")[0]
+        neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+        img, mask = nodes.LoadImage().load_image("editlab_photo.png")
+        (latent,) = nodes.VAEEncode().encode(vae, img)
+        c_pos, c_neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, controlnet, img[..., :3], 1.0,
+                                                                       0.0, 1.0, vae=vae)
+    noised, sigmas = call("EditLabSDEPerturb", model=model, latent=latent, t0=0.6, steps=3, scheduler="normal", seed=5)
+    (inner,) = call("EditLabReverseSDESampler", mode="stochastic", seed=1, repeat=1)
+    (masked,) = call("EditLabKnownRegionSampler", sampler=inner, mask_convention="1 = regenerate (ComfyUI)",
+                     known_noise="same", replace_on="x_t", seed=0, mask=mask, guide=latent)
+    plain = sample(model, pos, neg, cs.Noise_EmptyNoise(), inner, sigmas, noised)
+    controlled = sample(model, c_pos, c_neg, cs.Noise_EmptyNoise(), inner, sigmas, noised)
+    assert torch.isfinite(controlled).all() and not torch.allclose(plain, controlled, atol=1e-4)
+    kept = sample(model, c_pos, c_neg, cs.Noise_EmptyNoise(), masked, sigmas, noised)
+    keep = torch.nn.functional.interpolate(mask[None], size=kept.shape[-2:], mode="bilinear")[0] == 0
+    keep = keep.expand_as(kept[0])[None]
+    assert torch.allclose(kept[keep], latent["samples"][keep], atol=1e-5)

@@ -23,6 +23,16 @@ def _ensure_checkpoints(engine, workflow: dict) -> None:
         if not path.exists():
             random_models.build_sd15_checkpoint(path, seed=1, in_channels=8, dtype=torch.float32)
             folder_paths.filename_list_cache.clear()
+    for n in workflow["nodes"]:
+        if n["type"] == "ControlNetLoader":
+            path = engine.root / "models" / "controlnet" / n["widgets_values"][0]
+            if not path.exists():
+                import nodes
+                with torch.inference_mode():
+                    base = nodes.CheckpointLoaderSimple().load_checkpoint(engine.checkpoint)[0]
+                random_models.build_sd15_controlnet(path, base.model.model_config.unet_config)
+            folder_paths.add_model_folder_path("controlnet", str(path.parent), is_default=True)
+            folder_paths.filename_list_cache.clear()
     if any(n["type"] == "EditLabSubjectEncoderLoader" for n in workflow["nodes"]):
         from random_subject_encoder import write_subject_encoder_folder
         base = engine.root / "models" / "blip_diffusion"

@@ -801,3 +801,31 @@ def tiny_sdxl_model(seed: int = 0, *, in_channels: int = 4, comfyui_path: PathLi
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device,
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+def build_sd15_controlnet(path: PathLike, unet_config: dict, seed: int = 11) -> Path:
+    """A random ControlNet for a UNet config (LDM ``control_model.*`` layout, what ControlNetLoader reads)."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    from safetensors.torch import save_file
+
+    config = dict(unet_config)
+    config.pop("out_channels", None)
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, device="meta", dtype=torch.float32)
+    net = comfy.cldm.cldm.ControlNet(**config)
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in net.state_dict().items():
+        if p.ndim > 1:
+            t = torch.randn(p.shape, generator=gen) / math.sqrt(max(1, p[0].numel()))
+        elif "norm" in name and name.endswith("weight"):
+            t = torch.ones(p.shape)
+        else:
+            t = torch.zeros(p.shape)
+        sd["control_model." + name] = t.contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)
+    return path
