@@ -78,7 +78,7 @@ def boot(comfyui_path: str, *, all_custom_nodes: bool = False, quiet: bool = Tru
         raise RunError(f"{comfyui_path} is not a ComfyUI checkout (no nodes.py / comfy/); pass --comfyui PATH or set COMFYUI_PATH")
     if comfyui_path not in sys.path:
         sys.path.insert(0, comfyui_path)
-    if quiet:
+    if quiet and logging.getLogger().level < logging.ERROR:
         logging.getLogger().setLevel(logging.ERROR)
     import comfy.options
     comfy.options.enable_args_parsing(False)
@@ -163,6 +163,23 @@ def load_workflow(path: str) -> dict:
         raise RunError(f"{path} is not valid JSON ({exc})") from exc
 
 
+MODEL_INPUT_FOLDERS = {"ckpt_name": "checkpoints", "lora_name": "loras", "control_net_name": "controlnet",
+                       "vae_name": "vae", "unet_name": "diffusion_models", "clip_name": "text_encoders",
+                       "folder": "blip_diffusion"}
+
+
+def _searched(input_name: str) -> str:
+    """For a missing model file: the folders ComfyUI searched for it."""
+    import folder_paths
+    kind = MODEL_INPUT_FOLDERS.get(input_name)
+    if kind is None:
+        return ""
+    try:
+        return f" (searched {', '.join(folder_paths.get_folder_paths(kind)) or 'no folder'} for '{kind}' files)"
+    except KeyError:
+        return ""
+
+
 def _format_validation(error: dict, node_errors: dict, prompt: dict) -> str:
     parts = [error.get("message", "invalid prompt")]
     if error.get("details"):
@@ -170,7 +187,9 @@ def _format_validation(error: dict, node_errors: dict, prompt: dict) -> str:
     for nid, info in (node_errors or {}).items():
         ctype = prompt.get(nid, {}).get("class_type", "?")
         for err in info.get("errors", []):
-            parts.append(f"node #{nid} {ctype}: {err.get('message')}: {err.get('details')}")
+            name = (err.get("extra_info") or {}).get("input_name", "")
+            extra = _searched(name) if err.get("type") == "value_not_in_list" else ""
+            parts.append(f"node #{nid} {ctype}: {err.get('message')}: {err.get('details')}{extra}")
     return "; ".join(p for p in parts if p)
 
 
@@ -235,6 +254,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     build.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
     build.add_argument("--folder", default=os.path.join(PACK_DIR, "workflows"))
     args = parser.parse_args(argv)
+    # The CLI reports every failure as one line of its own; ComfyUI's log lines would repeat it.
+    logging.getLogger().setLevel(logging.CRITICAL)
     try:
         if args.command == "build-workflows":
             boot(args.comfyui or "")
