@@ -216,13 +216,17 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--memory-phase", choices=["plain", "null-text"])
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--fp32-text-enc", action="store_true",
+                    help="encode prompts in fp32 like the reference (ComfyUI's CPU default is fp16)")
     args = ap.parse_args()
     env = setup(args.work)
+    import comfy.cli_args
+    comfy.cli_args.args.fp32_text_enc = args.fp32_text_enc
     if args.memory_phase:
         memory_phase(env, args, args.memory_phase)
         return
     mine = ours(env, args)
-    report = {"machine": machine(), "size": args.size, "steps": args.steps, "inner": args.inner,
+    report = {"machine": machine(), "fp32_text_encoder": args.fp32_text_enc, "size": args.size, "steps": args.steps, "inner": args.inner,
               "ours": {k: v for k, v in mine.items() if k not in ("latent",)}}
     if not args.skip_reference:
         ref = reference(env, args, mine["latent"])
