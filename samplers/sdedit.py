@@ -143,8 +143,8 @@ def seeded_noise(seed: Optional[int]) -> NoiseSource:
 def reverse_sde_step(
     x: torch.Tensor,
     denoised: torch.Tensor,
-    sigma: torch.Tensor,
-    sigma_next: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
     z: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """One reverse VE-SDE Euler–Maruyama step (METHODS.md §1).
@@ -152,15 +152,15 @@ def reverse_sde_step(
     1. score = (D - x) / sigma^2
     2. x' = x + (sigma^2 - sigma'^2) * score + sqrt(sigma^2 - sigma'^2) * z
     With ``z=None`` this is the probability-flow variant: no noise, half the drift.
-    The last step to sigma' = 0 is x' = D.
+    The last step to sigma' = 0 is x' = D. Sigmas are Python floats: no device sync per step.
     """
-    if float(sigma_next) == 0.0:
+    if sigma_next == 0.0:
         return denoised
     var = sigma**2 - sigma_next**2
     score = (denoised - x) / sigma**2
     if z is None:
         return x + 0.5 * var * score
-    return x + var * score + var.sqrt() * z
+    return x + var * score + math.sqrt(var) * z
 
 
 @torch.no_grad()
@@ -188,17 +188,18 @@ def sample_reverse_sde(
         raise SDEditInputError(f"repeat must be at least 1, got {repeat}")
     draw = noise_source if noise_source is not None else seeded_noise(extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
-    n = len(sigmas) - 1
+    levels = sigmas.tolist()  # one host read for the whole run, not one per step
+    n = len(levels) - 1
     for rnd in range(repeat):
         if rnd > 0:
             # Re-perturb the previous round's output (x at sigma ~ 0) back to sigma(t0).
-            x = x + sigmas[0] * draw(x)
+            x = x + levels[0] * draw(x)
         for i in range(n):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
-            denoised = model(x, sigma * s_in, **extra_args)
+            sigma, sigma_next = levels[i], levels[i + 1]
+            denoised = model(x, sigmas[i] * s_in, **extra_args)
             if callback is not None:
-                callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-            z = None if deterministic or float(sigma_next) == 0.0 else draw(x)
+                callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+            z = None if deterministic or sigma_next == 0.0 else draw(x)
             x = reverse_sde_step(x, denoised, sigma, sigma_next, z)
     return x
 
