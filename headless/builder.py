@@ -87,6 +87,17 @@ class Graph:
         self.nodes.append(node)
         return tuple(Out(nid, slot, otype) for slot, otype in enumerate(info["output"]))
 
+    def sample_decode(self, column: int, *, noise: Out, guider: Out, sampler: Out, sigmas: Out, latent: Out,
+                      vae: Out, prefix: Optional[str] = None) -> tuple[Out, Out]:
+        """SamplerCustomAdvanced -> VAEDecode (-> SaveImage with ``prefix``): the end of most example graphs.
+        Returns the sampled LATENT and the decoded IMAGE."""
+        out, _denoised = self.add("SamplerCustomAdvanced", column, noise=noise, guider=guider, sampler=sampler,
+                                  sigmas=sigmas, latent_image=latent)
+        (decoded,) = self.add("VAEDecode", column, samples=out, vae=vae)
+        if prefix is not None:
+            self.add("SaveImage", column, images=decoded, filename_prefix=prefix)
+        return out, decoded
+
     def _link(self, src: Out, dst: int, dst_slot: int) -> int:
         link_id = len(self.links) + 1
         self.links.append([link_id, src.node, src.slot, dst, dst_slot, src.type])

@@ -23,10 +23,8 @@ def _base(g: Graph, positive: str, negative: str = "blurry, lowres, watermark"):
 def _guide_sample_save(g: Graph, column: int, model, pos, neg, noise, sampler, sigmas, latent, vae, prefix: str):
     """CFGGuider -> SamplerCustomAdvanced -> VAEDecode -> SaveImage, the common end of the SDEdit graphs."""
     (guider,) = g.add("CFGGuider", column, model=model, positive=pos, negative=neg, cfg=7.5)
-    out, _denoised = g.add("SamplerCustomAdvanced", column, noise=noise, guider=guider, sampler=sampler,
-                           sigmas=sigmas, latent_image=latent)
-    (decoded,) = g.add("VAEDecode", column, samples=out, vae=vae)
-    g.add("SaveImage", column, images=decoded, filename_prefix=prefix)
+    out, decoded = g.sample_decode(column, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                   latent=latent, vae=vae, prefix=prefix)
 
 
 def sdedit_stroke_painting(info: dict) -> dict:

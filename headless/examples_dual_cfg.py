@@ -49,10 +49,8 @@ def ip2p_edit(info: dict) -> dict:
     (sampler,) = g.add("KSamplerSelect", 2, sampler_name="euler_ancestral")
     (sigmas,) = g.add("BasicScheduler", 2, model=model, scheduler="normal", steps=30, denoise=1.0)
     (noise,) = g.add("RandomNoise", 2)
-    out, _ = g.add("SamplerCustomAdvanced", 3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                   latent_image=latent)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
-    g.add("SaveImage", 3, images=decoded, filename_prefix="editlab_ip2p")
+    out, decoded = g.sample_decode(3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                   latent=latent, vae=vae, prefix="editlab_ip2p")
     return g.to_json()
 
 
@@ -79,9 +77,8 @@ def ip2p_scale_sweep(info: dict) -> dict:
             (guider,) = g.add("EditLabDualCFGCombiner", 3 + row * 3, title=f"s_I {s_i}, s_T {s_t}", model=model,
                               both=both, base_only=image_only, neither=neither, extra_scale=s_t, base_scale=s_i,
                               extra_scale_end=s_t, base_scale_end=s_i)
-            out, _ = g.add("SamplerCustomAdvanced", 4 + row * 3, noise=noise, guider=guider, sampler=sampler,
-                           sigmas=sigmas, latent_image=latent)
-            (decoded,) = g.add("VAEDecode", 4 + row * 3, samples=out, vae=vae)
+            out, decoded = g.sample_decode(4 + row * 3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                           latent=latent, vae=vae)
             if images is None:
                 images = decoded
             else:
@@ -120,10 +117,8 @@ def extra_condition_balance(info: dict) -> dict:
     (sampler,) = g.add("KSamplerSelect", 3, sampler_name="euler")
     (sigmas,) = g.add("BasicScheduler", 3, model=model, scheduler="normal", steps=20, denoise=0.75)
     (noise,) = g.add("RandomNoise", 3)
-    out, _ = g.add("SamplerCustomAdvanced", 3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                   latent_image=latent)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
-    g.add("SaveImage", 3, images=decoded, filename_prefix="editlab_dual_cfg_extra_condition")
+    out, decoded = g.sample_decode(3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                   latent=latent, vae=vae, prefix="editlab_dual_cfg_extra_condition")
     return g.to_json()
 
 

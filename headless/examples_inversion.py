@@ -22,9 +22,8 @@ def _replay(g: Graph, column: int, model, inv, positive, negative, noise, sigmas
                       positive=positive, negative=negative, mode=mode, cfg=7.5)
     (off,) = g.add("DisableNoise", column)
     (sampler,) = g.add("KSamplerSelect", column, sampler_name="euler")
-    out, _ = g.add("SamplerCustomAdvanced", column, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
-                   latent_image=noise)
-    (decoded,) = g.add("VAEDecode", column, samples=out, vae=vae)
+    out, decoded = g.sample_decode(column, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
+                                   latent=noise, vae=vae)
     return out, decoded
 
 
@@ -115,10 +114,8 @@ def _p2p_real_photo(info: dict, *, mode: str, note: str, prefix: str, blend_word
                       negative=p["negative"], mode=mode, cfg=7.5)
     (off,) = g.add("DisableNoise", 3)
     (sampler,) = g.add("KSamplerSelect", 3, sampler_name="euler")
-    out, _ = g.add("SamplerCustomAdvanced", 4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
-                   latent_image=rows)
-    (decoded,) = g.add("VAEDecode", 4, samples=out, vae=vae)
-    g.add("SaveImage", 4, images=decoded, filename_prefix=prefix)
+    out, decoded = g.sample_decode(4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
+                                   latent=rows, vae=vae, prefix=prefix)
     g.add("EditLabReconstructionPSNR", 4, title="Source row PSNR", reconstruction_latent=out, original_latent=latent)
     (maps,) = g.add("EditLabAttentionMaps", 5, model=p["model"], samples=out, tile_size=128)
     g.add("SaveImage", 5, images=maps, filename_prefix=prefix + "_maps")

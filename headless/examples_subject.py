@@ -73,10 +73,8 @@ def subject_vs_text_balance(info: dict) -> dict:
     (noise,) = g.add("RandomNoise", 3, noise_seed=88888)
     (sampler,) = g.add("KSamplerSelect", 3, sampler_name="ddim")
     (sigmas,) = g.add("BasicScheduler", 3, model=model, scheduler="ddim_uniform", steps=50, denoise=1.0)
-    out, _ = g.add("SamplerCustomAdvanced", 4, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                   latent_image=latent)
-    (decoded,) = g.add("VAEDecode", 4, samples=out, vae=vae)
-    g.add("SaveImage", 4, images=decoded, filename_prefix="editlab_subject_vs_text")
+    out, decoded = g.sample_decode(4, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                   latent=latent, vae=vae, prefix="editlab_subject_vs_text")
     return g.to_json()
 
 

@@ -6,7 +6,7 @@ progress + cancel for long loops, and the error type users see.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -144,7 +144,3 @@ def cancel_callback() -> Callable[..., None]:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     return callback
-
-
-def optional_seed(seed: Optional[int]) -> Optional[int]:
-    return None if seed is None else int(seed) & 0xFFFFFFFFFFFFFFFF

@@ -220,6 +220,10 @@ class InversionGuider(comfy.samplers.CFGGuider):
         if latent_image.shape[0] < inv.batch:
             raise EditLabError(f"the latent batch ({latent_image.shape[0]}) is smaller than the inversion's "
                                f"({inv.batch}); rows are [source, target, ...]")
+        # Moved to the model's device once per run, not once per step.
+        device = self.model_patcher.load_device
+        self._trajectory = inv.trajectory.to(device)
+        self._nulls = None if inv.null_embeddings is None else inv.null_embeddings.to(device)
         return super().sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -231,7 +235,7 @@ class InversionGuider(comfy.samplers.CFGGuider):
             raise user_error(exc) from exc
         positive = self.conds.get("positive")
         if self.mode == "null-text":
-            negative = with_cross_attn(self.conds["negative"], inv.null_embeddings[i].to(x.device))
+            negative = with_cross_attn(self.conds["negative"], self._nulls[i].to(x.device))
         elif self.mode == "negative-prompt":
             negative = self.conds["source"]
         else:
@@ -240,7 +244,7 @@ class InversionGuider(comfy.samplers.CFGGuider):
                                                     model_options=model_options, seed=seed)
         if self.mode == "direct":
             k = inv.batch
-            target = inv.trajectory[i + 1].to(x.device, x.dtype)
+            target = self._trajectory[i + 1].to(x.device, x.dtype)
             denoised = denoised.clone()
             denoised[:k] = landing_denoised(x[:k], target, sigma, float(inv.sigmas[i + 1]))
         return denoised

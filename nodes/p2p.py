@@ -14,7 +14,7 @@ the sampler's sigmas; ``PREDICT_NOISE``: local blend on the guider's denoised pr
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch

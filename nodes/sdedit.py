@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from typing_extensions import override
 
 import comfy.model_management
 import comfy.samplers

@@ -88,7 +88,6 @@ def test_missing_files_name_folder_and_files(tmp_path, folder):
 
 
 def test_mismatched_weights_are_reported(tmp_path, folder, encoder):
-    from safetensors.torch import save_file
     sd = {k: v.clone() for k, v in encoder.model.state_dict().items()}
     sd.pop("query_tokens")
     sd["extra.weight"] = torch.zeros(1)
