@@ -181,27 +181,25 @@ def build_edit_spec(
                 )
             base[t] = torch.eye(length)
 
-    weights = torch.ones(n, length)
-    for word, factor in reweight:
+    def fill_targets(table: torch.Tensor, word: str, value: float, what: str) -> None:
+        """Write ``value`` at the word's token positions in every target row; the word must occur somewhere."""
         hits = 0
         for t in range(n):
             pos = find_words(words[t + 1], word)
-            weights[t, pos] = factor
+            table[t, pos] = value
             hits += len(pos)
         if not hits:
-            raise P2PInputError(f"reweight word {word!r} is not in the target prompt(s): {list(prompts[1:])}")
+            raise P2PInputError(f"{what} {word!r} is not in the target prompt(s): {list(prompts[1:])}")
+
+    weights = torch.ones(n, length)
+    for word, factor in reweight:
+        fill_targets(weights, word, factor, "reweight word")
 
     until = torch.full((n, length), float("nan"))
     for word, frac in replace_overrides:
         if not 0.0 <= frac <= 1.0:
             raise P2PInputError(f"cross-replace override {word}:{frac} must be a fraction in [0, 1]")
-        hits = 0
-        for t in range(n):
-            pos = find_words(words[t + 1], word)
-            until[t, pos] = frac
-            hits += len(pos)
-        if not hits:
-            raise P2PInputError(f"cross-replace override word {word!r} is not in the target prompt(s): {list(prompts[1:])}")
+        fill_targets(until, word, frac, "cross-replace override word")
 
     blend = torch.zeros(len(prompts), length)
     for word in blend_words:
