@@ -55,6 +55,10 @@ def ours(env, args):
         src = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
         edit = nodes.CLIPTextEncode().encode(clip, EDIT)[0]
         empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+        if args.null_jitter:  # sensitivity probe: a tiny seeded change of the starting null embedding
+            g = torch.Generator().manual_seed(args.jitter_seed)
+            e = empty[0][0]
+            empty = [[e + args.null_jitter * e.std() * torch.randn(e.shape, generator=g), empty[0][1]]]
         (latent,) = nodes.VAEEncode().encode(vae, image(args.size))
         t = time.perf_counter()
         inv, noise, sigmas = N["EditLabDDIMInvert"].execute(model=model, positive=src, latent=latent, steps=args.steps,
@@ -92,7 +96,7 @@ def ours(env, args):
     }, args.repeats)
     stats = tuned.meta["null_text"]
     return {"t_invert_s": t_invert, "t_null_text_s": t_null, "forwards": stats["forwards"],
-            "backwards": stats["backwards"], "quality_latent_psnr_db": quality,
+            "backwards": stats["backwards"], "iterations": stats["iterations"], "quality_latent_psnr_db": quality,
             "edit_s": edit_times, "ratio_direct_vs_plain_edit": edit_times["direct"] / edit_times["plain"],
             "latent": target, "null_psnr": quality["null-text"]}
 
@@ -103,8 +107,9 @@ def reference(env, args, target_latent):
     from editlab.samplers.inversion import psnr
     pipe = StableDiffusionPipeline.from_pretrained(str(env["diffusers_dir"]), local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
+    # the notebook's scheduler; --ref-clean-end one lands the clean end at alpha 1 (sigma 0) like ComfyUI
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+                          set_alpha_to_one=args.ref_clean_end == "one", steps_offset=1)
     sched.set_timesteps(args.steps)
     unet, counts = pipe.unet, {"fwd": 0, "bwd": 0}
     tok = pipe.tokenizer
@@ -145,7 +150,7 @@ def reference(env, args, target_latent):
             traj.append(cur)
     counts["fwd"] = 0
     t0 = time.perf_counter()
-    nulls, cur, u = [], traj[-1], uncond
+    nulls, cur, u, iterations = [], traj[-1], uncond, []
     for i in range(args.steps):
         u = u.clone().detach().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
@@ -153,7 +158,7 @@ def reference(env, args, target_latent):
         t = int(sched.timesteps[i])
         with torch.no_grad():
             e_c = eps(cur, t, cond)
-        for _j in range(args.inner):
+        for j in range(args.inner):
             e_u = eps(cur, t, u)
             rec = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
             loss = torch.nn.functional.mse_loss(rec, prev_target)
@@ -163,6 +168,7 @@ def reference(env, args, target_latent):
             opt.step()
             if loss.item() < 1e-5 + i * 2e-5:
                 break
+        iterations.append(j + 1)
         nulls.append(u[:1].detach())
         with torch.no_grad():
             e = eps(torch.cat([cur] * 2), t, torch.cat([u, cond]))
@@ -177,7 +183,7 @@ def reference(env, args, target_latent):
             e_u, e_c = unet(cur, t, encoder_hidden_states=nulls[i]).sample, unet(cur, t, encoder_hidden_states=cond).sample
             cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
     return {"t_null_text_s": t_null, "forwards": counts["fwd"], "backwards": counts["bwd"],
-            "null_psnr": psnr(cur / 0.18215, target_latent.float())}
+            "iterations": iterations, "clean_end": args.ref_clean_end, "null_psnr": psnr(cur / 0.18215, target_latent.float())}
 
 
 def memory_phase(env, args, phase: str) -> None:
@@ -216,17 +222,29 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--memory-phase", choices=["plain", "null-text"])
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--ref-clean-end", choices=["alpha0", "one"], default="alpha0",
+                    help="the reference's clean end: the notebook's final alpha = alphas_cumprod[0] (default) or "
+                         "alpha 1 = sigma 0, EditLab's convention")
+    ap.add_argument("--tame", type=float, default=1.0,
+                    help="scale the UNet's output convolution by this factor (a smoother, trained-like eps)")
+    ap.add_argument("--null-jitter", type=float, default=0.0,
+                    help="add this relative, seeded noise to the empty-prompt embedding (sensitivity probe)")
+    ap.add_argument("--jitter-seed", type=int, default=0)
+    ap.add_argument("--bf16-unet", action="store_true",
+                    help="EditLab side only: ComfyUI loads the UNet in bf16 (its --bf16-unet); the null and Adam stay fp32")
     ap.add_argument("--fp32-text-enc", action="store_true",
                     help="encode prompts in fp32 like the reference (ComfyUI's CPU default is fp16)")
     args = ap.parse_args()
-    env = setup(args.work)
+    env = setup(args.work, eps_scale=args.tame)
     import comfy.cli_args
     comfy.cli_args.args.fp32_text_enc = args.fp32_text_enc
+    comfy.cli_args.args.bf16_unet = args.bf16_unet
     if args.memory_phase:
         memory_phase(env, args, args.memory_phase)
         return
     mine = ours(env, args)
-    report = {"machine": machine(), "fp32_text_encoder": args.fp32_text_enc, "size": args.size, "steps": args.steps, "inner": args.inner,
+    report = {"machine": machine(), "fp32_text_encoder": args.fp32_text_enc, "tame": args.tame,
+              "bf16_unet_ours": args.bf16_unet, "size": args.size, "steps": args.steps, "inner": args.inner,
               "ours": {k: v for k, v in mine.items() if k not in ("latent",)}}
     if not args.skip_reference:
         ref = reference(env, args, mine["latent"])
@@ -235,7 +253,7 @@ def main() -> None:
     mem = {}
     for phase in ("plain", "null-text"):
         out = subprocess.run([sys.executable, __file__, "--memory-phase", phase, "--size", str(args.size),
-                              "--work", args.work], capture_output=True, text=True, check=True)
+                              "--work", args.work, "--tame", str(args.tame)], capture_output=True, text=True, check=True)
         mem[phase] = json.loads(out.stdout.strip().splitlines()[-1])
     grow = {k: v["peak_kib"] - v["rss_before_kib"] for k, v in mem.items()}
     report["memory"] = {"peak_rss_kib": {k: v["peak_kib"] for k, v in mem.items()}, "growth_kib": grow,

@@ -30,8 +30,22 @@ def import_pack():
     return sys.modules["editlab"]
 
 
-def setup(workdir: str | os.PathLike, *, in_channels: int = 4, diffusers: bool = True) -> dict:
-    """Boot ComfyUI, write (once) the random checkpoint and its diffusers twin under ``workdir``."""
+def _tamed(base: Path, out: Path, scale: float) -> None:
+    """A copy of ``base`` whose UNet output convolution is scaled by ``scale``: eps becomes smaller and
+    smoother in x, closer to a trained model's (the random UNet's eps is far from smooth)."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(base))
+    for key in ("model.diffusion_model.out.2.weight", "model.diffusion_model.out.2.bias"):
+        sd[key] = sd[key] * scale
+    tmp = out.with_suffix(".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, out)
+
+
+def setup(workdir: str | os.PathLike, *, in_channels: int = 4, diffusers: bool = True,
+          eps_scale: float = 1.0) -> dict:
+    """Boot ComfyUI, write (once) the random checkpoint and its diffusers twin under ``workdir``
+    (``eps_scale`` != 1: the "tamed" variant, see ``_tamed``)."""
     comfy_path = os.environ.get("COMFYUI_PATH")
     if not comfy_path:
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout to run the benchmarks")
@@ -49,10 +63,15 @@ def setup(workdir: str | os.PathLike, *, in_channels: int = 4, diffusers: bool =
     ckpt = ckpt_dir / name
     if not ckpt.exists():
         random_models.build_sd15_checkpoint(ckpt, seed=0, in_channels=in_channels, dtype=torch.float32)
+    if eps_scale != 1.0:
+        base, name = ckpt, f"editlab_random_sd15_{in_channels}ch_tame{eps_scale:g}.safetensors"
+        ckpt = ckpt_dir / name
+        if not ckpt.exists():
+            _tamed(base, ckpt, eps_scale)
     folder_paths.add_model_folder_path("checkpoints", str(ckpt_dir), is_default=True)
     out = {"checkpoint": name, "checkpoint_path": ckpt, "runner": runner}
     if diffusers:
-        ddir = work / f"diffusers_{in_channels}ch"
+        ddir = work / (f"diffusers_{in_channels}ch" + (f"_tame{eps_scale:g}" if eps_scale != 1.0 else ""))
         if not (ddir / "model_index.json").exists():
             random_models.checkpoint_to_diffusers(ckpt, ddir, comfy_path)
         out["diffusers_dir"] = ddir

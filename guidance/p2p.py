@@ -36,6 +36,7 @@ from .tokens import (
     Tokenize,
     Word,
     find_words,
+    normalise,
     refine_map,
     refine_matrix,
     replace_map,
@@ -211,6 +212,61 @@ def build_edit_spec(
         if not hits:
             raise P2PInputError(f"blend word {word!r} is in none of the prompts: {list(prompts)}")
     return EditSpec(list(prompts), words, mode, base, keep, weights, until, blend, length)
+
+
+SUBJECT_WORD = "<subject>"  # the target-row word standing for a subject's vectors (display only)
+
+
+def subject_edit_spec(
+    source: str,
+    subject_word: str,
+    target_class: str,
+    n_subject: int,
+    tokenize: Tokenize,
+    *,
+    bos: int,
+    eos: int,
+    blend: bool = True,
+    subject_weight: float = 1.0,
+    length: int = MAX_TOKENS,
+) -> EditSpec:
+    """Refine spec for subject-driven editing (BLIP-Diffusion §7: DDIM inversion + refine + local blend).
+
+    The target is the source with ``n_subject`` subject vectors inserted before the first occurrence of
+    ``subject_word`` (which ``target_class``, if given, renames): for a source "a dog ..." the vectors sit at
+    position 2, after BOS and "a", as in the reference. The vectors are a word ``SUBJECT_WORD`` of
+    ``n_subject`` tokens with ids no tokenizer emits (negative), so refine's global alignment keeps every
+    source token in place and marks the vectors (and a renamed class) as new: their attention is their own,
+    everything else follows the source. ``blend``: local blend on the subject word in both rows and on the
+    vectors; ``subject_weight``: reweight factor of the vectors' attention.
+    """
+    words = source.split()
+    phrase = [normalise(p) for p in subject_word.split() if normalise(p)]
+    if not phrase:
+        raise P2PInputError("the subject word is empty: name the word of the source prompt the subject "
+                            "replaces, e.g. 'dog' in 'a photo of a dog on the grass'")
+    keys = [normalise(w) for w in words]
+    at = next((i for i in range(len(keys) - len(phrase) + 1) if keys[i:i + len(phrase)] == phrase), None)
+    if at is None:
+        raise P2PInputError(f"the subject word {subject_word!r} is not in the source prompt {source!r}; the "
+                            "source prompt describes the photo and must name the object to replace")
+    renamed = target_class.split() if target_class.strip() else words[at:at + len(phrase)]
+    target = " ".join([*words[:at], SUBJECT_WORD, *renamed, *words[at + len(phrase):]])
+    placeholder = [-(i + 1) for i in range(n_subject)]
+
+    def tokenize_with_subject(word: str) -> list[int]:
+        return placeholder if word == SUBJECT_WORD else tokenize(word)
+
+    try:
+        spec = build_edit_spec([" ".join(words), target], "refine", tokenize_with_subject, bos=bos, eos=eos,
+                               blend_words=[subject_word, " ".join(renamed)] if blend else [], length=length)
+    except P2PInputError as exc:
+        raise P2PInputError(f"{exc} (the target row also holds the subject's {n_subject} vectors)") from exc
+    subject = next(w for w in spec.words[1] if w.text == SUBJECT_WORD).positions
+    if blend:
+        spec.blend[1, subject] = 1.0
+    spec.weights[0, subject] = float(subject_weight)
+    return spec
 
 
 # -- schedule -------------------------------------------------------------------------------------

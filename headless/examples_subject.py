@@ -11,6 +11,7 @@ from .builder import Graph
 SUBJECT_FOLDER = "blipdiffusion"  # models/blip_diffusion/blipdiffusion/ (the release folder, diffusers layout)
 SUBJECT_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SUBJECT_IMAGE = "editlab_photo.png"
+EDIT_PHOTO, EDIT_SUBJECT = "editlab_photo.png", "editlab_subject.png"
 STRUCTURE_IMAGE = "editlab_stroke.png"
 CONTROLNET = "control_v11p_sd15_canny.safetensors"
 NEGATIVE = ("over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped, worst quality, "
@@ -101,7 +102,50 @@ def subject_with_controlnet(info: dict) -> dict:
     return g.to_json()
 
 
+def subject_edit_real_photo(info: dict) -> dict:
+    g = Graph(info)
+    g.note(
+        "## Subject-driven editing of a real photo (BLIP-Diffusion + inversion + Prompt-to-Prompt)\n\n"
+        "Replace the dog in *your photo* with *your* dog (or any subject): the photo is DDIM-inverted with its\n"
+        "prompt, then [source, target] are sampled from the inverted noise. The target row is the photo's\n"
+        "prompt with the subject's 16 vectors before the subject word; the attention controller (refine,\n"
+        "cross 0.8 / self 0.4) keeps the photo's layout and **local blend** confines the change to where the\n"
+        "subject word attends. Output: the reconstruction, then the edit; attention maps show the subject.\n\n"
+        "* **Subject Edit Pair**: `source` = the photo's prompt (the same as the inversion's), naming the\n"
+        "  object ('dog'); `target_class` renames it (a cat subject: 'cat'); `subject_weight` > 1 = more subject.\n"
+        "* **Inversion Guider**: `direct` (exact source, no optimisation: seconds); `null-text` after a\n"
+        "  Null-Text Optimize node; `plain` is the reference's plain DDIM inversion (drifts at CFG 7.5).\n"
+        "* Invert with the *plain* model, sample with the controlled one; euler on DDIM Invert's SIGMAS.",
+        column=0, width=520)
+    model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SUBJECT_CHECKPOINT)
+    photo, _mask = g.add("LoadImage", 0, title="Load Image (photo to edit)", image=EDIT_PHOTO)
+    subject_image, _m2 = g.add("LoadImage", 0, title="Load Image (subject)", image=EDIT_SUBJECT)
+    (encoder,) = g.add("EditLabSubjectEncoderLoader", 1, folder=SUBJECT_FOLDER)
+    (subject,) = g.add("EditLabSubjectEncode", 1, subject_encoder=encoder, image=subject_image, class_word="dog")
+    (latent,) = g.add("VAEEncode", 1, pixels=photo, vae=vae)
+    source = "a dog sitting on the grass"
+    (src,) = g.add("CLIPTextEncode", 1, title="Source prompt (for the inversion)", text=source, clip=clip)
+    (negative,) = g.add("CLIPTextEncode", 1, title="Negative prompt (empty = the paper's)", text="", clip=clip)
+    pair, edit, _report = g.add("EditLabSubjectEditPair", 2, clip=clip, subject=subject, source=source,
+                                subject_word="dog", target_class="", local_blend=True, subject_weight=1.0)
+    inv, noise, sigmas = g.add("EditLabDDIMInvert", 2, model=model, positive=src, latent=latent, steps=50)
+    (controlled,) = g.add("EditLabAttentionController", 2, model=model, edit=edit, cross_replace_steps=0.8,
+                          self_replace_steps=0.4, start_blend=0.2)
+    (rows,) = g.add("EditLabP2PLatentBatch", 3, latent=noise, edit=edit)
+    (guider,) = g.add("EditLabInversionGuider", 3, model=controlled, inversion=inv, positive=pair,
+                      negative=negative, mode="direct", cfg=7.5)
+    (off,) = g.add("DisableNoise", 3)
+    (sampler,) = g.add("KSamplerSelect", 3, sampler_name="euler")
+    out, _decoded = g.sample_decode(4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas, latent=rows,
+                                    vae=vae, prefix="editlab_subject_edit")
+    g.add("EditLabReconstructionPSNR", 4, title="Source row PSNR", reconstruction_latent=out, original_latent=latent)
+    (maps,) = g.add("EditLabAttentionMaps", 5, model=controlled, samples=out, tile_size=128)
+    g.add("SaveImage", 5, images=maps, filename_prefix="editlab_subject_edit_maps")
+    return g.to_json()
+
+
 EXAMPLES: dict[str, Callable[[dict], dict]] = {
+    "Subject - edit a real photo (BLIP-Diffusion + inversion + Prompt-to-Prompt)": subject_edit_real_photo,
     "Subject - with ControlNet structure (BLIP-Diffusion)": subject_with_controlnet,
     "Subject - zero-shot subject-driven generation (BLIP-Diffusion)": subject_zero_shot,
     "Dual CFG - subject vs text balance (BLIP-Diffusion)": subject_vs_text_balance,

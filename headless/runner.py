@@ -193,8 +193,16 @@ def _format_validation(error: dict, node_errors: dict, prompt: dict) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def run_prompt(prompt: dict, *, output_dir: Optional[str] = None) -> RunResult:
-    """Validate and execute an API-format prompt on the booted ComfyUI; return the written images."""
+def new_executor():
+    """A PromptExecutor as ComfyUI's server keeps one: pass it to every ``run_prompt`` of a session and
+    unchanged nodes come from its output cache (a re-queued graph recomputes only what changed)."""
+    import execution
+    return execution.PromptExecutor(_Server(), cache_type=False)
+
+
+def run_prompt(prompt: dict, *, output_dir: Optional[str] = None, executor=None) -> RunResult:
+    """Validate and execute an API-format prompt on the booted ComfyUI; return the written images.
+    ``executor``: one from ``new_executor`` to keep the output cache between runs (default: a fresh one)."""
     import execution
     import folder_paths
 
@@ -205,8 +213,7 @@ def run_prompt(prompt: dict, *, output_dir: Optional[str] = None) -> RunResult:
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
         raise RunError("invalid workflow: " + _format_validation(error, node_errors, prompt))
-    server = _Server()
-    executor = execution.PromptExecutor(server, cache_type=False)
+    executor = executor or new_executor()
     executor.execute(prompt, prompt_id, {}, outputs)
     if not executor.success:
         for event, data in executor.status_messages:

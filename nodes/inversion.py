@@ -380,7 +380,8 @@ class NullTextOptimize(io.ComfyNode):
         stats = pass_.stats
         out = inv.with_nulls(pass_.nulls, null_text={
             "guidance": guidance, "forwards": stats.forwards, "backwards": stats.backwards,
-            "final_losses": [round(v, 8) for v in stats.losses[-3:]]})
+            "final_losses": [round(v, 8) for v in stats.losses[-3:]],
+            "iterations": list(stats.iterations)})
         return io.NodeOutput(out)
 
 

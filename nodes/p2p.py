@@ -149,26 +149,31 @@ class PromptPairEncode(io.ComfyNode):
             )
         except P2PInputError as exc:
             raise user_error(exc) from exc
-        conds, extras = [], None
-        for prompt, words in zip(prompts, spec.words):
-            tokens = _check_tokens(clip, sd_tok, prompt, words)
-            out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-            conds.append(out.pop("cond"))
-            if extras is None:
-                extras = {k: [v] for k, v in out.items()}
-            else:
-                for k, v in out.items():
-                    extras.setdefault(k, []).append(v)
-        shapes = {tuple(c.shape) for c in conds}
-        if len(shapes) != 1:
-            raise EditLabError(f"the prompts encode to different shapes {sorted(shapes)}; use one 77-token chunk each")
-        info = {}
-        for k, values in extras.items():
-            if all(isinstance(v, torch.Tensor) and v.shape[:1] == (1,) for v in values):
-                info[k] = torch.cat(values)
-            else:
-                info[k] = values[0]
-        return io.NodeOutput([[torch.cat(conds), info]], spec)
+        rows = [_check_tokens(clip, sd_tok, prompt, words) for prompt, words in zip(prompts, spec.words)]
+        return io.NodeOutput(encode_rows(clip, rows), spec)
+
+
+def encode_rows(clip, rows: list[dict]) -> list:
+    """CONDITIONING with one batch row per token dict (each one 77-token chunk), pooled outputs stacked."""
+    conds, extras = [], None
+    for tokens in rows:
+        out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        conds.append(out.pop("cond"))
+        if extras is None:
+            extras = {k: [v] for k, v in out.items()}
+        else:
+            for k, v in out.items():
+                extras.setdefault(k, []).append(v)
+    shapes = {tuple(c.shape) for c in conds}
+    if len(shapes) != 1:
+        raise EditLabError(f"the prompts encode to different shapes {sorted(shapes)}; use one 77-token chunk each")
+    info = {}
+    for k, values in extras.items():
+        if all(isinstance(v, torch.Tensor) and v.shape[:1] == (1,) for v in values):
+            info[k] = torch.cat(values)
+        else:
+            info[k] = values[0]
+    return [[torch.cat(conds), info]]
 
 
 class P2PLatentBatch(io.ComfyNode):

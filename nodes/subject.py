@@ -6,6 +6,8 @@
 - ``EditLabSubjectPrompt``: CLIP + SUBJECT + prompt -> positive CONDITIONING with the subject vectors at
   position 2 of the reference prompt, and a negative without them.
 - ``EditLabSubjectMix``: weighted interpolation of SUBJECTs.
+- ``EditLabSubjectEditPair``: CLIP + SUBJECT + the photo's prompt -> a Prompt-to-Prompt [source, target]
+  pair whose target carries the subject vectors, and its refine edit (subject-driven editing of a photo).
 
 Everything downstream is ordinary ComfyUI: the UNet, text encoder and VAE of the release load through
 ComfyUI's own loaders, and ComfyUI's output cache makes each subject encode once per unchanged input.
@@ -31,7 +33,9 @@ from ..guidance.subject import (
     plan_splice,
     preprocess,
 )
+from ..guidance.p2p import P2PInputError, subject_edit_spec
 from .common import CATEGORY, EditLabError, user_error
+from .p2p import EDIT, _check_tokens, _sub_tokenizer, encode_rows, word_tokenizer
 
 SUBJECT_CATEGORY = f"{CATEGORY}/Subject"
 MODEL_FOLDER = "blip_diffusion"
@@ -158,16 +162,22 @@ def clip_width(clip) -> int:
     return int(clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[-1])
 
 
-def subject_tokens(clip, subject: Subject, text: str) -> tuple[dict, str]:
-    """The CLIP token dict of ``text`` with the subject spliced at position 2, and a budget report."""
-    tok = getattr(clip.tokenizer, "clip_l", None)
+def subject_clip(clip, subject: Subject):
+    """The CLIP-L tokenizer of an SD1.x CLIP whose token width fits the subject; clear errors otherwise."""
+    tok = getattr(clip.tokenizer, "clip_l", None) if clip is not None else None
     if tok is None or set(clip.tokenize("")) != {"l"}:
-        raise EditLabError("Subject Prompt needs an SD1.x CLIP (one CLIP-L text encoder), as BLIP-Diffusion was "
+        raise EditLabError("subject prompts need an SD1.x CLIP (one CLIP-L text encoder), as BLIP-Diffusion was "
                            "trained on; load the release's text encoder or an SD1.5 checkpoint")
     width = clip_width(clip)
     if width != subject.width:
         raise EditLabError(f"the SUBJECT is {subject.width} wide but this CLIP's token embeddings are {width} wide; "
                            "use the CLIP that belongs to the subject encoder (SD1.x, 768)")
+    return tok
+
+
+def subject_tokens(clip, subject: Subject, text: str) -> tuple[dict, str]:
+    """The CLIP token dict of ``text`` with the subject spliced at position 2, and a budget report."""
+    tok = subject_clip(clip, subject)
     rows = clip.tokenize(text, return_word_ids=True)["l"]
     content = [(t, w) for row in rows for (t, w, word) in row if word != 0]
     n = int(subject.embeds.shape[0])
@@ -263,4 +273,72 @@ class SubjectMix(io.ComfyNode):
             raise user_error(exc) from exc
 
 
-NODES = [SubjectEncoderLoader, SubjectEncode, SubjectPrompt, SubjectMix]
+class SubjectEditPair(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditLabSubjectEditPair",
+            display_name="Subject Edit Pair (BLIP-Diffusion + Prompt-to-Prompt)",
+            category=SUBJECT_CATEGORY,
+            description="Subject-driven editing of a photo: the source row is the photo's prompt; the target row "
+                        "is the same prompt with the 16 subject vectors inserted before the subject word (after "
+                        "'a' for 'a dog ...', the reference position). Its refine edit keeps every source word's "
+                        "attention and gives the subject vectors their own; local blend confines the change to "
+                        "where the subject word attends. Wire 'edit' to the Attention Controller (refine, cross "
+                        "0.8 / self 0.4) and 'conditioning' to the Inversion Guider's positive.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The BLIP-Diffusion release's text encoder (or an SD1.x CLIP)."),
+                SubjectType.Input("subject", tooltip="From Subject Encode or Subject Mix: the new subject."),
+                io.String.Input("source", multiline=True, default="a dog sitting on the grass",
+                                tooltip="The photo's prompt (the one it is inverted with), naming the object to "
+                                        "replace. At most 59 tokens: the target adds 16 subject vectors."),
+                io.String.Input("subject_word", default="",
+                                tooltip="The word (or phrase) of the source prompt the subject replaces; empty = "
+                                        "the subject's class word."),
+                io.String.Input("target_class", default="",
+                                tooltip="Renames the subject word in the target (e.g. 'cat' for a cat subject "
+                                        "replacing a dog); empty = keep it."),
+                io.Boolean.Input("local_blend", default=True,
+                                 tooltip="Confine the edit to where the subject word (source) and the subject "
+                                         "vectors (target) attend; the rest of the photo is kept."),
+                io.Float.Input("subject_weight", default=1.0, min=0.0, max=5.0, step=0.05,
+                               tooltip="Scales the subject vectors' cross-attention while attention is controlled "
+                                       "(Prompt-to-Prompt reweight); above 1 = more subject."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning",
+                                       tooltip="[source, target] as one batch: the positive of the guider."),
+                EDIT.Output(display_name="edit", tooltip="Refine edit for the Attention Controller."),
+                io.String.Output(display_name="report", tooltip="The two rows, and where the subject sits."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, subject, source, subject_word, target_class, local_blend, subject_weight) -> io.NodeOutput:
+        if not isinstance(subject, Subject):
+            raise EditLabError("'subject' must come from Subject Encode or Subject Mix")
+        tok = subject_clip(clip, subject)
+        source = " ".join(source.split())
+        if not source:
+            raise EditLabError("write the photo's prompt in 'source', naming the object to replace")
+        sd_tok = _sub_tokenizer(clip)
+        n = int(subject.embeds.shape[0])
+        try:
+            spec = subject_edit_spec(source, subject_word.strip() or subject.class_word, target_class, n,
+                                     word_tokenizer(sd_tok), bos=int(tok.start_token), eos=int(tok.end_token),
+                                     blend=local_blend, subject_weight=subject_weight)
+        except P2PInputError as exc:
+            raise user_error(exc) from exc
+        source_tokens = _check_tokens(clip, sd_tok, source, spec.words[0])
+        embeds = subject.embeds.float()
+        row = [(int(tok.start_token), 1.0)]
+        for word in spec.words[1]:
+            row += [(embeds[-t - 1], 1.0) if t < 0 else (t, 1.0) for t in word.tokens]
+        row.append((int(tok.end_token), 1.0))
+        row += [(int(tok.pad_token), 1.0)] * (CLIP_MAX_LENGTH - len(row))
+        begin = next(w.start for w in spec.words[1] if any(t < 0 for t in w.tokens))
+        report = f"{spec.describe()}\nsubject: {n} vectors at positions {begin}-{begin + n - 1} of the target"
+        return io.NodeOutput(encode_rows(clip, [source_tokens, {"l": [row]}]), spec, report)
+
+
+NODES = [SubjectEncoderLoader, SubjectEncode, SubjectPrompt, SubjectMix, SubjectEditPair]

@@ -41,8 +41,8 @@ class Engine:
                     node["inputs"][key] = value
         return prompt
 
-    def run(self, prompt: dict):
-        return self.runner.run_prompt(prompt, output_dir=str(self.root / "output"))
+    def run(self, prompt: dict, executor=None):
+        return self.runner.run_prompt(prompt, output_dir=str(self.root / "output"), executor=executor)
 
 
 def _write_inputs(folder: Path) -> None:
@@ -59,6 +59,8 @@ def _write_inputs(folder: Path) -> None:
     alpha = np.full((SIZE, SIZE, 1), 255, np.uint8)
     alpha[16:48, 16:48] = 0
     Image.fromarray(np.concatenate([photo, alpha], axis=2), "RGBA").save(folder / "editlab_photo.png")
+    # A "subject" photo (its own picture, for the subject encoder).
+    Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(folder / "editlab_subject.png")
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ def call(node_id: str, **kwargs):
 def subject_folder(engine):
     """A random subject encoder in the real layout, in the registered models/blip_diffusion folder."""
     import folder_paths
-    from random_subject_encoder import write_subject_encoder_folder
     from editlab.headless.examples_subject import SUBJECT_FOLDER
+    from random_subject_encoder import write_subject_encoder_folder
 
     base = engine.root / "models" / "blip_diffusion"
     if not (base / SUBJECT_FOLDER).exists():
@@ -125,3 +125,104 @@ def test_workflow_runs(engine, subject_folder):
     assert result.images
     sampler = [k for k, v in prompt.items() if v["class_type"] == "KSampler"][0]
     assert torch.isfinite(result.node_output(sampler)[0][0]["samples"]).all()
+
+
+# -- subject-driven editing (inversion + refine + local blend) ---------------------------------------
+
+EDIT_WORKFLOW = "Subject - edit a real photo (BLIP-Diffusion + inversion + Prompt-to-Prompt)"
+
+
+def test_edit_pair_rows_are_the_photo_prompt_and_the_reference_subject_prompt(sd15, subject):
+    """Row 0 is exactly CLIPTextEncode(source); for a source 'a dog ...' row 1 is exactly Subject Prompt's
+    reference positive (subject after BOS and 'a', one repetition) — the subject sits where BLIP-Diffusion
+    puts it, and the edit's maps shift every later word by the 16 vectors."""
+    import nodes
+    _model, clip, _vae = sd15
+    source = "a dog sitting on the grass"
+    cond, edit, report = call("EditLabSubjectEditPair", clip=clip, subject=subject, source=source, subject_word="",
+                              target_class="", local_blend=True, subject_weight=1.0)
+    rows = cond[0][0]
+    assert rows.shape == (2, 77, 768)
+    with torch.inference_mode():
+        plain = nodes.CLIPTextEncode().encode(clip, source)[0][0][0]
+    assert torch.equal(rows[:1], plain)
+    reference, _neg, _r = call("EditLabSubjectPrompt", clip=clip, subject=subject, prompt="sitting on the grass",
+                               target_class="", prompt_strength=1.0, prompt_reps=1, negative_prompt="")
+    assert torch.equal(rows[1:], reference[0][0])
+    assert "positions 2-17" in report
+    labels = dict(edit.labels(1))
+    assert labels["<subject>"] == list(range(2, 18)) and labels["dog"] == [18]
+    assert dict(edit.labels(0))["dog"] == [2]
+    with pytest.raises(ValueError, match="not in the source prompt"):
+        call("EditLabSubjectEditPair", clip=clip, subject=subject, source="a photo of a lake", subject_word="",
+             target_class="", local_blend=True, subject_weight=1.0)
+
+
+def test_subject_edit_workflow_keeps_the_photo_and_changes_the_subject_region(engine, subject_folder):
+    prompt = engine.prompt(EDIT_WORKFLOW, steps=4)
+    result = engine.run(prompt)
+    psnr_id = next(k for k, v in prompt.items() if v["class_type"] == "EditLabReconstructionPSNR")
+    sampled = next(k for k, v in prompt.items() if v["class_type"] == "SamplerCustomAdvanced")
+    rows = result.node_output(sampled)[0][0]["samples"]
+    assert result.node_output(psnr_id)[0][0] > 90  # direct inversion: the source row is the photo
+    assert rows.shape[0] == 2 and not torch.allclose(rows[0], rows[1], atol=1e-3)  # the target is an edit
+    assert len(result.images) == 4  # the pair, decoded, and the attention maps of both rows
+
+
+def test_subject_edit_local_blend_keeps_the_outside_of_the_subject(sd15, subject):
+    """Local blend on the subject word and vectors: where neither attends, the target row is the source row."""
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
+
+    import nodes
+    model, clip, _vae = sd15
+    cond, edit, _r = call("EditLabSubjectEditPair", clip=clip, subject=subject, source="a dog sitting on the grass",
+                          subject_word="dog", target_class="cat", local_blend=True, subject_weight=1.0)
+    (controlled,) = call("EditLabAttentionController", model=model, edit=edit, cross_replace_steps=0.8,
+                         self_replace_steps=0.4, self_attention_max_size=16, map_size=8, blend_threshold=0.999,
+                         start_blend=0.0)
+    (latent,) = call("EditLabP2PLatentBatch", latent={"samples": torch.zeros(1, 4, 8, 8)}, edit=edit)
+    with torch.inference_mode():
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        guider = cs.CFGGuider().get_guider(controlled, cond, negative, 5.0)[0]
+        sigmas = cs.BasicScheduler().get_sigmas(model, "normal", 4, 1.0)[0]
+        out = cs.SamplerCustomAdvanced().sample(cs.Noise_RandomNoise(5), guider, comfy.samplers.sampler_object("euler"),
+                                                sigmas, latent)[0]["samples"]
+    mask = controlled.model_options["transformer_options"]["editlab_p2p"].last_maps["mask"]
+    outside = (mask[1, 0] == 0).expand_as(out[1])
+    assert outside.any() and (~outside).any()
+    assert torch.equal(out[1][outside], out[0][outside])
+    assert not torch.allclose(out[1][~outside], out[0][~outside], atol=1e-4)
+
+
+def test_requeue_does_not_re_encode_the_subject(engine, subject_folder, monkeypatch):
+    """ComfyUI's output cache (one executor per session, as the server keeps): re-queuing the graph, or
+    changing only what is downstream of the subject (the seed), does not run the encoder again; a new
+    subject photo does."""
+    import sys
+
+    import nodes
+    # the engine's own copy of the pack (ComfyUI imports it under its folder name)
+    engine_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["EditLabSubjectEncode"].__module__]
+    SubjectEncoderModel = engine_module.SubjectEncoderModel
+    calls = []
+    original = SubjectEncoderModel.encode
+
+    def counting(self, image, class_word):
+        calls.append(class_word)
+        return original(self, image, class_word)
+
+    monkeypatch.setattr(SubjectEncoderModel, "encode", counting)
+    executor = engine.runner.new_executor()
+    prompt = engine.prompt(WORKFLOW, **FAST)
+    engine.run(prompt, executor=executor)
+    engine.run(prompt, executor=executor)
+    assert len(calls) == 1
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    prompt[sampler]["inputs"]["seed"] += 1
+    again = engine.run(prompt, executor=executor)
+    assert len(calls) == 1 and again.images
+    encode = next(k for k, v in prompt.items() if v["class_type"] == "EditLabSubjectEncode")
+    prompt[encode]["inputs"]["class_word"] = "puppy"
+    engine.run(prompt, executor=executor)
+    assert calls == ["dog", "puppy"]

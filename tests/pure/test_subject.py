@@ -188,3 +188,46 @@ def test_real_release_loads_strictly():
     assert enc.model.config.num_query_tokens == 16 and enc.model.width == 768
     out = _encode(enc, _images(0, h=224, w=224))
     assert out.shape == (1, 16, 768) and torch.isfinite(out).all()
+
+
+def test_parity_with_the_reference_qformer_on_the_same_weights(folder, encoder):
+    """The release's qformer/ is diffusers' Blip2QFormerModel: built from the same config.json it takes our
+    weights file with no missing or unexpected key, and its forward - replayed from its own modules - gives
+    the same 16 subject embeddings. Its own forward no longer runs against current transformers, so the
+    Q-Former layers are transformers' maintained Blip2QFormerLayer loaded with the reference's weights;
+    embeddings, vision encoder, projection and the class-word tokenizer are the reference's own.
+    (diffusers' deprecated BLIP-Diffusion code is only the oracle here; EditLab does not import it.)"""
+    ref_mod = pytest.importorskip("diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2",
+                                  reason="diffusers (optional) is not installed: no reference Q-Former to compare with")
+    from safetensors.torch import load_file
+    from transformers import Blip2Config
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerLayer
+    config = Blip2Config.from_json_file(str(folder / "qformer" / "config.json"))
+    config.tokenizer = str(folder / "qformer")  # its BERT tokenizer from our local vocab.txt, no download
+    ref = ref_mod.Blip2QFormerModel(config).eval()
+    missing, unexpected = ref.load_state_dict(load_file(str(folder / "qformer" / "model.safetensors")), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+
+    qcfg = config.qformer_config
+    qcfg._attn_implementation, qcfg.use_qformer_text_input = "eager", True
+    layers = []
+    for i, ref_layer in enumerate(ref.encoder.layer):
+        layer = Blip2QFormerLayer(qcfg, i).eval()
+        layer.load_state_dict(ref_layer.state_dict(), strict=True)
+        layers.append(layer)
+
+    pixels = S.preprocess(_images(3, n=2), encoder.preprocess)
+    ids = ref.tokenizer(["dog", "dog"], return_tensors="pt", padding=True).input_ids
+    assert torch.equal(ids[:1], encoder.class_ids("dog"))
+    n = config.num_query_tokens
+    with torch.no_grad():
+        image = ref.visual_encoder(pixels).last_hidden_state
+        x = ref.embeddings(input_ids=ids, query_embeds=ref.query_tokens)
+        for layer in layers:
+            out = layer(x, encoder_hidden_states=image, query_length=n)
+            x = out[0] if isinstance(out, tuple) else out
+        theirs = ref.proj_layer(x[:, :n])
+        ours = encoder.model(pixels, encoder.class_ids("dog"))
+    assert ours.shape == theirs.shape == (2, 16, WIDTH)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert (ours[0] - ours[1]).abs().max() > 1e-3  # two different images: not a vacuous match
