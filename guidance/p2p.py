@@ -24,6 +24,7 @@ read them.
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -250,7 +251,11 @@ def subject_edit_spec(
     if at is None:
         raise P2PInputError(f"the subject word {subject_word!r} is not in the source prompt {source!r}; the "
                             "source prompt describes the photo and must name the object to replace")
-    renamed = target_class.split() if target_class.strip() else words[at:at + len(phrase)]
+    renamed = words[at:at + len(phrase)]
+    if target_class.strip():  # the new class word keeps the old one's trailing punctuation ("dog," -> "cat,")
+        last = renamed[-1]
+        renamed = target_class.split()
+        renamed[-1] += last[len(last.rstrip(string.punctuation)):]
     target = " ".join([*words[:at], SUBJECT_WORD, *renamed, *words[at + len(phrase):]])
     placeholder = [-(i + 1) for i in range(n_subject)]
 

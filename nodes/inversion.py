@@ -381,7 +381,8 @@ class NullTextOptimize(io.ComfyNode):
         out = inv.with_nulls(pass_.nulls, null_text={
             "guidance": guidance, "forwards": stats.forwards, "backwards": stats.backwards,
             "final_losses": [round(v, 8) for v in stats.losses[-3:]],
-            "iterations": list(stats.iterations)})
+            "iterations": list(stats.iterations), "fp16_loss_scale": stats.loss_scale,
+            "skipped_updates": stats.skipped_updates})
         return io.NodeOutput(out)
 
 

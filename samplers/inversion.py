@@ -116,6 +116,11 @@ class NullTextStats:
     backwards: int = 0
     losses: list[float] = field(default_factory=list)
     iterations: list[int] = field(default_factory=list)
+    loss_scale: float = 1.0        # the fp16 loss scale in use at the end (1 = no scaling: fp32 / bf16 models)
+    skipped_updates: int = 0       # fp16 updates skipped because the scaled gradient overflowed
+
+
+FP16_LOSS_SCALE = 2.0 ** 16  # MSE gradients at the UNet output are ~1e-6: subnormal or zero in fp16 unscaled
 
 
 def optimize_null_text(
@@ -144,6 +149,10 @@ def optimize_null_text(
     a converged step costs one uncond forward and no backward, and its guided step reuses that
     forward instead of a fresh batched [uncond, cond] forward; eps_c is never recomputed; the null
     and Adam run in fp32 whatever the model's dtype; only the null needs gradients (no weight grads).
+    When the model computes in fp16, the backward pass is loss-scaled (dynamic, as mixed-precision
+    training does: start at 2^16, halve and skip the update on overflow) and the gradient is unscaled
+    before Adam sees it — so Adam's updates are the fp32 ones, and the fp16 backward neither underflows
+    (the reason the paper says fp16 optimisation fails) nor overflows. fp32 and bf16 models are not scaled.
     ``eps_uncond`` must be differentiable w.r.t. its embedding argument.
     """
     config.validate()
@@ -171,7 +180,8 @@ def optimize_null_text(
         for _ in range(config.inner_steps):
             check_cancel()
             with torch.enable_grad():
-                e_u = eps_uncond(z, sigma, null).float()
+                raw = eps_uncond(z, sigma, null)
+                e_u = raw.float()
                 stats.forwards += 1
                 guided = e_u + config.guidance * (e_c - e_u)
                 z_next = z + (sigma_next - sigma) * guided
@@ -181,9 +191,19 @@ def optimize_null_text(
                     eps = guided.detach()
                     break
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if raw.dtype == torch.float16:
+                    stats.loss_scale = stats.loss_scale if stats.loss_scale > 1.0 else FP16_LOSS_SCALE
+                    (loss * stats.loss_scale).backward()
+                else:
+                    loss.backward()
             stats.backwards += 1
             iters += 1
+            if stats.loss_scale > 1.0 and null.grad is not None:
+                null.grad.div_(stats.loss_scale)
+                if not torch.isfinite(null.grad).all():  # overflow in the fp16 backward: skip, scale down
+                    stats.loss_scale = max(stats.loss_scale / 2.0, 2.0)
+                    stats.skipped_updates += 1
+                    continue
             opt.step()
         if eps is None:  # not converged within inner_steps (or none allowed): one more forward
             check_cancel()

@@ -235,3 +235,58 @@ def test_psnr():
     assert psnr(a, a) == float("inf")
     b = a.clone(); b[..., 0, 0] = 1.0
     assert psnr(a, b, 1.0) == pytest.approx(10 * math.log10(48 / 3))
+
+
+def _weak_text_model(scale: float):
+    """An eps-model whose text path is weak: in fp16, its gradient w.r.t. the embedding is below fp16's range."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 4, generator=g)
+    cond, empty = torch.randn(1, 3, 16, generator=g), torch.randn(1, 3, 16, generator=g)
+
+    def eps(z, s, e, dtype):
+        text = (e.to(dtype).mean(1) @ w.to(dtype)) * scale
+        return torch.tanh(z.to(dtype) / math.sqrt(1 + s * s)) + text[:, :, None, None]
+
+    sigmas = ddim_sigmas(5)
+    z = torch.randn(1, 4, 6, 6, generator=g) * float(sigmas[0])
+    traj = [z]
+    for i in range(5):  # a pivot off the model by 0.1: a residual that fp16 resolves well, a gradient it cannot
+        z = z + (float(sigmas[i + 1]) - float(sigmas[i])) * (eps(z, float(sigmas[i]), cond, torch.float32) + 0.1)
+        traj.append(z)
+    return eps, cond, empty, torch.stack(traj), sigmas
+
+
+def test_fp16_models_are_loss_scaled_so_the_null_still_learns(monkeypatch):
+    from editlab.samplers import inversion
+    eps, cond, empty, traj, sigmas = _weak_text_model(1e-7)
+    config = NullTextConfig(guidance=7.5, inner_steps=3, lr=2e-2, epsilon=0.0, epsilon_slope=0.0)
+
+    def run(dtype):
+        return optimize_null_text(lambda z, s: eps(z, s, cond, dtype), lambda z, s, e: eps(z, s, e, dtype),
+                                  traj, sigmas, empty, config)
+
+    n32, s32 = run(torch.float32)
+    n16, s16 = run(torch.float16)
+    _, sbf = run(torch.bfloat16)
+    assert s32.loss_scale == 1.0 and sbf.loss_scale == 1.0  # fp32 / bf16: the plain fp32-gradient path
+    assert s16.loss_scale > 1.0 and s16.skipped_updates == 0
+    d32, d16 = (n32[0] - empty).flatten(), (n16[0] - empty).flatten()
+    assert d16.abs().max() > 1e-3  # the null moved ...
+    assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.9  # ... the way the fp32 run moves it
+    # Without the scale most of the fp16 gradient underflows to zero: those entries of the null never move.
+    monkeypatch.setattr(inversion, "FP16_LOSS_SCALE", 1.0)
+    n16_plain, _ = run(torch.float16)
+
+    def frozen(n):
+        return float((n[0] == empty).float().mean())
+
+    assert frozen(n16) == 0.0 and frozen(n16_plain) > 0.5
+
+
+def test_fp16_overflow_skips_the_update_and_lowers_the_scale():
+    eps, cond, empty, traj, sigmas = _weak_text_model(1e3)  # strong text path: scaled fp16 gradients overflow
+    config = NullTextConfig(guidance=7.5, inner_steps=3, lr=2e-2, epsilon=0.0, epsilon_slope=0.0)
+    nulls, stats = optimize_null_text(lambda z, s: eps(z, s, cond, torch.float16),
+                                      lambda z, s, e: eps(z, s, e, torch.float16), traj, sigmas, empty, config)
+    assert stats.skipped_updates > 0 and stats.loss_scale < 2.0 ** 16
+    assert torch.isfinite(nulls).all()

@@ -67,6 +67,8 @@ def test_renamed_class_is_new_in_the_target_and_the_old_word_is_dropped():
     assert all(p not in cols for p in dog.positions)
     sitting = [w for w in spec.words[0] if w.text == "sitting"][0]
     assert [cols[p] for p in sitting.positions] == tgt["sitting"].positions
+    punctuated = spec_for("a dog, sitting", target_class="small cat")
+    assert punctuated.prompts[1] == f"a {SUBJECT_WORD} small cat, sitting"
 
 
 def test_local_blend_marks_the_subject_word_in_both_rows_and_the_vectors():
