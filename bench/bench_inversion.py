@@ -9,7 +9,8 @@
    [uncond, cond] forward for the step; UNet parameters left trainable as in the notebook). Wall time,
    UNet forwards/backwards, and the reconstruction each reaches.
 3. Direct-inversion edit vs plain DDIM-inversion edit: sampling time of a [source, target] batch.
-4. Peak memory (process max RSS, separate subprocesses) of null-text optimisation vs plain sampling.
+4. Peak memory (process max RSS, or torch.cuda.max_memory_allocated on a GPU; separate subprocesses) of
+   null-text optimisation vs plain sampling. On a GPU both sides run there (the reference in fp32).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_inversion.py [--size 64] [--steps 50] [--inner 10]
 """
@@ -105,8 +106,10 @@ def reference(env, args, target_latent):
     """Mokady et al.'s null-text loop, re-implemented on diffusers (same weights, same image, fp32, CPU)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from editlab.samplers.inversion import psnr
+    import comfy.model_management as mm
+    device = mm.get_torch_device()  # the same device ComfyUI runs our side on (fp32, as the paper prescribes)
     pipe = StableDiffusionPipeline.from_pretrained(str(env["diffusers_dir"]), local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+                                                   safety_checker=None, requires_safety_checker=False).to(device)
     # the notebook's scheduler; --ref-clean-end one lands the clean end at alpha 1 (sigma 0) like ComfyUI
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=args.ref_clean_end == "one", steps_offset=1)
@@ -117,7 +120,7 @@ def reference(env, args, target_latent):
     def embed(text):
         ids = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
-            return pipe.text_encoder(ids)[0]
+            return pipe.text_encoder(ids.to(device))[0]
 
     cond, uncond = embed(PROMPT), embed("")
 
@@ -141,7 +144,7 @@ def reference(env, args, target_latent):
         x0 = (sample - (1 - a_t) ** 0.5 * out) / a_t**0.5
         return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * out
 
-    latent = target_latent.float() * 0.18215
+    latent = target_latent.float().to(device) * 0.18215
     with torch.no_grad():  # DDIM inversion (pivot)
         traj, cur = [latent], latent
         for i in range(args.steps):
@@ -149,6 +152,8 @@ def reference(env, args, target_latent):
             cur = next_step(eps(cur, t, cond), t, cur)
             traj.append(cur)
     counts["fwd"] = 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     nulls, cur, u, iterations = [], traj[-1], uncond, []
     for i in range(args.steps):
@@ -175,6 +180,7 @@ def reference(env, args, target_latent):
             counts["fwd"] += 1  # the batched [uncond, cond] forward counts as two evaluations
             e_u, e_c = e.chunk(2)
             cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
+    sync()
     t_null = time.perf_counter() - t0
     with torch.no_grad():  # replay with the optimised nulls
         cur = traj[-1]
@@ -183,7 +189,7 @@ def reference(env, args, target_latent):
             e_u, e_c = unet(cur, t, encoder_hidden_states=nulls[i]).sample, unet(cur, t, encoder_hidden_states=cond).sample
             cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
     return {"t_null_text_s": t_null, "forwards": counts["fwd"], "backwards": counts["bwd"],
-            "iterations": iterations, "clean_end": args.ref_clean_end, "null_psnr": psnr(cur / 0.18215, target_latent.float())}
+            "iterations": iterations, "clean_end": args.ref_clean_end, "null_psnr": psnr(cur.cpu() / 0.18215, target_latent.float())}
 
 
 def memory_phase(env, args, phase: str) -> None:
@@ -199,7 +205,13 @@ def memory_phase(env, args, phase: str) -> None:
         inv, noise, sigmas = N["EditLabDDIMInvert"].execute(model=model, positive=src, latent=latent, steps=args.mem_steps,
                                                             scheduler="ddim_uniform", guidance=1.0,
                                                             input_scaling="reference").result
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = torch.cuda.is_available()
+    if cuda:  # GPU: the device's peak allocation during the phase, in KiB
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.max_memory_allocated() // 1024
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.inference_mode():
         if phase == "plain":
             g = cs.CFGGuider().get_guider(model, src, empty, 7.5)[0]
@@ -208,8 +220,9 @@ def memory_phase(env, args, phase: str) -> None:
             N["EditLabNullTextOptimize"].execute(model=model, inversion=inv, negative=empty, guidance=7.5, inner_steps=2,
                                                  early_stop=0.0, early_stop_slope=0.0, learning_rate=1e-2,
                                                  check_model=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"phase": phase, "rss_before_kib": base, "peak_kib": peak}))
+    peak = (torch.cuda.max_memory_allocated() // 1024) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"phase": phase, "measure": "cuda max_memory_allocated" if cuda else "process max RSS",
+                      "rss_before_kib": base, "peak_kib": peak}))
 
 
 def main() -> None:
