@@ -178,7 +178,8 @@ class _NullTextPass(comfy.samplers.Sampler):
             with torch.inference_mode(False), autograd_weights(model.diffusion_model):
                 self.nulls, self.stats = optimize_null_text(
                     eps_cond, eps_uncond, self.inv.trajectory, self.inv.sigmas, null_init, self.config,
-                    device=device, check_cancel=Progress.check_cancel, on_step=lambda *_: self.progress.step())
+                    device=device, check_cancel=Progress.check_cancel, on_step=lambda *_: self.progress.step(),
+                    half_precision=compute_dtype(model) == torch.float16)
         except RuntimeError as exc:
             if "Inference tensors cannot be saved for backward" in str(exc):
                 raise EditLabError(
@@ -187,6 +188,11 @@ class _NullTextPass(comfy.samplers.Sampler):
                     "for editing") from exc
             raise
         return latent_image
+
+
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype a ComfyUI model computes in: its manual-cast dtype if set (weights stored lower), else its own."""
+    return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
 
 
 # -- the guider ------------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ def optimize_null_text(
     device: Optional[torch.device] = None,
     check_cancel: Callable[[], None] = lambda: None,
     on_step: Optional[Callable[[int, int], None]] = None,
+    half_precision: bool = False,
 ) -> tuple[torch.Tensor, NullTextStats]:
     """Null-text inversion (Mokady et al. 2023, Alg. 1) in k-space; returns ``[N, *null.shape]`` nulls.
 
@@ -153,6 +154,8 @@ def optimize_null_text(
     training does: start at 2^16, halve and skip the update on overflow) and the gradient is unscaled
     before Adam sees it — so Adam's updates are the fp32 ones, and the fp16 backward neither underflows
     (the reason the paper says fp16 optimisation fails) nor overflows. fp32 and bf16 models are not scaled.
+    ``half_precision``: the model computes in fp16 even if ``eps_uncond`` returns fp32 (ComfyUI's denoised
+    prediction is in the latent's dtype); an fp16 return value also switches scaling on.
     ``eps_uncond`` must be differentiable w.r.t. its embedding argument.
     """
     config.validate()
@@ -191,7 +194,7 @@ def optimize_null_text(
                     eps = guided.detach()
                     break
                 opt.zero_grad(set_to_none=True)
-                if raw.dtype == torch.float16:
+                if half_precision or raw.dtype == torch.float16:
                     stats.loss_scale = stats.loss_scale if stats.loss_scale > 1.0 else FP16_LOSS_SCALE
                     (loss * stats.loss_scale).backward()
                 else:

@@ -261,15 +261,19 @@ def test_fp16_models_are_loss_scaled_so_the_null_still_learns(monkeypatch):
     eps, cond, empty, traj, sigmas = _weak_text_model(1e-7)
     config = NullTextConfig(guidance=7.5, inner_steps=3, lr=2e-2, epsilon=0.0, epsilon_slope=0.0)
 
-    def run(dtype):
-        return optimize_null_text(lambda z, s: eps(z, s, cond, dtype), lambda z, s, e: eps(z, s, e, dtype),
-                                  traj, sigmas, empty, config)
+    def run(dtype, fp32_out=False):
+        """``fp32_out``: fp16 inside, fp32 returned - as ComfyUI's denoised prediction of an fp16 UNet."""
+        cast = (lambda t: t.float()) if fp32_out else (lambda t: t)
+        return optimize_null_text(lambda z, s: cast(eps(z, s, cond, dtype)), lambda z, s, e: cast(eps(z, s, e, dtype)),
+                                  traj, sigmas, empty, config, half_precision=fp32_out)
 
     n32, s32 = run(torch.float32)
     n16, s16 = run(torch.float16)
     _, sbf = run(torch.bfloat16)
+    n16_out32, s16_out32 = run(torch.float16, fp32_out=True)
     assert s32.loss_scale == 1.0 and sbf.loss_scale == 1.0  # fp32 / bf16: the plain fp32-gradient path
     assert s16.loss_scale > 1.0 and s16.skipped_updates == 0
+    assert s16_out32.loss_scale > 1.0 and torch.equal(n16_out32, n16)  # the flag scales an fp32-returning model
     d32, d16 = (n32[0] - empty).flatten(), (n16[0] - empty).flatten()
     assert d16.abs().max() > 1e-3  # the null moved ...
     assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.9  # ... the way the fp32 run moves it
