@@ -109,17 +109,26 @@ def _p2p_real_photo(info: dict, *, mode: str, note: str, prefix: str, blend_word
     inv, noise, sigmas = g.add("EditLabDDIMInvert", 2, model=model, positive=src, latent=latent, steps=50)
     if mode == "null-text":
         (inv,) = g.add("EditLabNullTextOptimize", 2, model=model, inversion=inv, negative=p["negative"])
-    (rows,) = g.add("EditLabP2PLatentBatch", 3, latent=noise, edit=p["edit"])
-    (guider,) = g.add("EditLabInversionGuider", 3, model=p["model"], inversion=inv, positive=p["positive"],
-                      negative=p["negative"], mode=mode, cfg=7.5)
+    edit_rows_from_inversion(g, model=p["model"], inv=inv, positive=p["positive"], negative=p["negative"],
+                             noise=noise, sigmas=sigmas, edit=p["edit"], latent=latent, vae=vae, mode=mode,
+                             prefix=prefix)
+    return g.to_json()
+
+
+def edit_rows_from_inversion(g: Graph, *, model, inv, positive, negative, noise, sigmas, edit, latent, vae,
+                             mode: str, prefix: str) -> None:
+    """The end of every real-photo edit graph: the edit's rows from DDIM Invert's noise through the Inversion
+    Guider (euler on the inversion's SIGMAS), decoded and saved, the source row's PSNR and the attention maps."""
+    (rows,) = g.add("EditLabP2PLatentBatch", 3, latent=noise, edit=edit)
+    (guider,) = g.add("EditLabInversionGuider", 3, model=model, inversion=inv, positive=positive,
+                      negative=negative, mode=mode, cfg=7.5)
     (off,) = g.add("DisableNoise", 3)
     (sampler,) = g.add("KSamplerSelect", 3, sampler_name="euler")
-    out, decoded = g.sample_decode(4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
-                                   latent=rows, vae=vae, prefix=prefix)
+    out, _decoded = g.sample_decode(4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
+                                    latent=rows, vae=vae, prefix=prefix)
     g.add("EditLabReconstructionPSNR", 4, title="Source row PSNR", reconstruction_latent=out, original_latent=latent)
-    (maps,) = g.add("EditLabAttentionMaps", 5, model=p["model"], samples=out, tile_size=128)
+    (maps,) = g.add("EditLabAttentionMaps", 5, model=model, samples=out, tile_size=128)
     g.add("SaveImage", 5, images=maps, filename_prefix=prefix + "_maps")
-    return g.to_json()
 
 
 def p2p_real_null_text_blend(info: dict) -> dict:

@@ -30,6 +30,15 @@ def _subject_prompt(g: Graph):
     return model, clip, vae, positive, negative
 
 
+def _generate(g: Graph, model, positive, negative, vae, prefix: str) -> None:
+    """512 px text-to-image with the reference settings (50 DDIM steps, CFG 7.5), decoded and saved."""
+    (latent,) = g.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
+    (out,) = g.add("KSampler", 3, model=model, positive=positive, negative=negative, latent_image=latent,
+                   seed=88888, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
+    g.add("SaveImage", 3, images=decoded, filename_prefix=prefix)
+
+
 def subject_zero_shot(info: dict) -> dict:
     g = Graph(info)
     g.note(
@@ -47,11 +56,7 @@ def subject_zero_shot(info: dict) -> dict:
         "* Reference: 50 steps (PNDM; ddim/euler here), CFG 7.5, 512 x 512.",
         column=0, width=480)
     model, clip, vae, positive, negative = _subject_prompt(g)
-    (latent,) = g.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
-    (out,) = g.add("KSampler", 3, model=model, positive=positive, negative=negative, latent_image=latent,
-                   seed=88888, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
-    g.add("SaveImage", 3, images=decoded, filename_prefix="editlab_subject")
+    _generate(g, model, positive, negative, vae, "editlab_subject")
     return g.to_json()
 
 
@@ -94,15 +99,13 @@ def subject_with_controlnet(info: dict) -> dict:
     structure, _m = g.add("LoadImage", 1, title="Load Image (structure)", image=STRUCTURE_IMAGE)
     c_pos, c_neg = g.add("ControlNetApplyAdvanced", 2, positive=positive, negative=negative, control_net=control,
                          image=structure, strength=0.8, start_percent=0.0, end_percent=1.0, vae=vae)
-    (latent,) = g.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
-    (out,) = g.add("KSampler", 3, model=model, positive=c_pos, negative=c_neg, latent_image=latent,
-                   seed=88888, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
-    g.add("SaveImage", 3, images=decoded, filename_prefix="editlab_subject_controlnet")
+    _generate(g, model, c_pos, c_neg, vae, "editlab_subject_controlnet")
     return g.to_json()
 
 
 def subject_edit_real_photo(info: dict) -> dict:
+    from .examples_inversion import edit_rows_from_inversion  # lazy: at module level it cycles via examples.py
+
     g = Graph(info)
     g.note(
         "## Subject-driven editing of a real photo (BLIP-Diffusion + inversion + Prompt-to-Prompt)\n\n"
@@ -131,16 +134,9 @@ def subject_edit_real_photo(info: dict) -> dict:
     inv, noise, sigmas = g.add("EditLabDDIMInvert", 2, model=model, positive=src, latent=latent, steps=50)
     (controlled,) = g.add("EditLabAttentionController", 2, model=model, edit=edit, cross_replace_steps=0.8,
                           self_replace_steps=0.4, start_blend=0.2)
-    (rows,) = g.add("EditLabP2PLatentBatch", 3, latent=noise, edit=edit)
-    (guider,) = g.add("EditLabInversionGuider", 3, model=controlled, inversion=inv, positive=pair,
-                      negative=negative, mode="direct", cfg=7.5)
-    (off,) = g.add("DisableNoise", 3)
-    (sampler,) = g.add("KSamplerSelect", 3, sampler_name="euler")
-    out, _decoded = g.sample_decode(4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas, latent=rows,
-                                    vae=vae, prefix="editlab_subject_edit")
-    g.add("EditLabReconstructionPSNR", 4, title="Source row PSNR", reconstruction_latent=out, original_latent=latent)
-    (maps,) = g.add("EditLabAttentionMaps", 5, model=controlled, samples=out, tile_size=128)
-    g.add("SaveImage", 5, images=maps, filename_prefix="editlab_subject_edit_maps")
+    edit_rows_from_inversion(g, model=controlled, inv=inv, positive=pair, negative=negative, noise=noise,
+                             sigmas=sigmas, edit=edit, latent=latent, vae=vae, mode="direct",
+                             prefix="editlab_subject_edit")
     return g.to_json()
 
 

@@ -23,6 +23,7 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
+from ..guidance.p2p import P2PInputError, subject_edit_spec
 from ..guidance.subject import (
     CLIP_MAX_LENGTH,
     Subject,
@@ -33,9 +34,8 @@ from ..guidance.subject import (
     plan_splice,
     preprocess,
 )
-from ..guidance.p2p import P2PInputError, subject_edit_spec
 from .common import CATEGORY, EditLabError, user_error
-from .p2p import EDIT, _check_tokens, _sub_tokenizer, encode_rows, word_tokenizer
+from .p2p import EDIT, _check_tokens, encode_rows, word_tokenizer
 
 SUBJECT_CATEGORY = f"{CATEGORY}/Subject"
 MODEL_FOLDER = "blip_diffusion"
@@ -321,15 +321,14 @@ class SubjectEditPair(io.ComfyNode):
         source = " ".join(source.split())
         if not source:
             raise EditLabError("write the photo's prompt in 'source', naming the object to replace")
-        sd_tok = _sub_tokenizer(clip)
         n = int(subject.embeds.shape[0])
         try:
             spec = subject_edit_spec(source, subject_word.strip() or subject.class_word, target_class, n,
-                                     word_tokenizer(sd_tok), bos=int(tok.start_token), eos=int(tok.end_token),
+                                     word_tokenizer(tok), bos=int(tok.start_token), eos=int(tok.end_token),
                                      blend=local_blend, subject_weight=subject_weight)
         except P2PInputError as exc:
             raise user_error(exc) from exc
-        source_tokens = _check_tokens(clip, sd_tok, source, spec.words[0])
+        source_tokens = _check_tokens(clip, tok, source, spec.words[0])
         embeds = subject.embeds.float()
         row = [(int(tok.start_token), 1.0)]
         for word in spec.words[1]:

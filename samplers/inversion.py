@@ -194,11 +194,9 @@ def optimize_null_text(
                     eps = guided.detach()
                     break
                 opt.zero_grad(set_to_none=True)
-                if half_precision or raw.dtype == torch.float16:
-                    stats.loss_scale = stats.loss_scale if stats.loss_scale > 1.0 else FP16_LOSS_SCALE
-                    (loss * stats.loss_scale).backward()
-                else:
-                    loss.backward()
+                if stats.loss_scale == 1.0 and (half_precision or raw.dtype == torch.float16):
+                    stats.loss_scale = FP16_LOSS_SCALE  # once; the overflow rule below only lowers it
+                (loss * stats.loss_scale if stats.loss_scale > 1.0 else loss).backward()
             stats.backwards += 1
             iters += 1
             if stats.loss_scale > 1.0 and null.grad is not None:
