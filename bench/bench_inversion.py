@@ -7,7 +7,9 @@
    re-implementation of Mokady et al.'s loop on a diffusers UNet with the same weights, written from the
    paper/notebook: cond forward, Adam inner loop with the loss test after each step, then a batched
    [uncond, cond] forward for the step; UNet parameters left trainable as in the notebook). Wall time,
-   UNet forwards/backwards, and the reconstruction each reaches.
+   UNet forwards/backwards, and the reconstruction each reaches. ``--fast-inner N --fast-lr LR`` also runs
+   both sides with N inner steps at LR (``--fast-secant``: EditLab's side with its secant correction), on the
+   same pivot, so the gain from the settings and the gain from the implementation are reported apart.
 3. Direct-inversion edit vs plain DDIM-inversion edit: sampling time of a [source, target] batch.
 4. Peak memory (process max RSS, or torch.cuda.max_memory_allocated on a GPU; separate subprocesses) of
    null-text optimisation vs plain sampling. On a GPU both sides run there (the reference in fp32).
@@ -40,9 +42,13 @@ def load(env):
         return nodes.CheckpointLoaderSimple().load_checkpoint(env["checkpoint"])[:3]
 
 
-def image(size: int) -> torch.Tensor:
-    rng = np.random.default_rng(0)
+def image(size: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
     return torch.from_numpy(rng.random((size, size, 3)).astype(np.float32))[None]
+
+
+def fast_label(args) -> str:
+    return f"null-text, {args.fast_inner} inner at lr {args.fast_lr:g}" + (", secant" if args.fast_secant else "")
 
 
 def ours(env, args):
@@ -60,7 +66,7 @@ def ours(env, args):
             g = torch.Generator().manual_seed(args.jitter_seed)
             e = empty[0][0]
             empty = [[e + args.null_jitter * e.std() * torch.randn(e.shape, generator=g), empty[0][1]]]
-        (latent,) = nodes.VAEEncode().encode(vae, image(args.size))
+        (latent,) = nodes.VAEEncode().encode(vae, image(args.size, args.image_seed))
         t = time.perf_counter()
         inv, noise, sigmas = N["EditLabDDIMInvert"].execute(model=model, positive=src, latent=latent, steps=args.steps,
                                                             scheduler="ddim_uniform", guidance=1.0,
@@ -72,6 +78,14 @@ def ours(env, args):
                                                         early_stop_slope=2e-5, learning_rate=1e-2,
                                                         check_model=True).result
         t_null = time.perf_counter() - t
+        fast, t_fast = None, None
+        if args.fast_inner:  # fewer inner iterations (at --fast-lr; with the secant correction if asked)
+            t = time.perf_counter()
+            (fast,) = N["EditLabNullTextOptimize"].execute(model=model, inversion=inv, negative=empty, guidance=7.5,
+                                                           inner_steps=args.fast_inner, early_stop=1e-5,
+                                                           early_stop_slope=2e-5, learning_rate=args.fast_lr,
+                                                           check_model=True, secant=args.fast_secant).result
+            t_fast = time.perf_counter() - t
     euler = comfy.samplers.sampler_object("euler")
 
     def replay(which, mode, cfg=7.5, positive=src, lat=noise):
@@ -85,6 +99,8 @@ def ours(env, args):
         "plain_cfg7.5 (drift baseline)": psnr(replay(inv, "plain")[:1], target),
         "plain_cfg1 (sanity)": psnr(replay(inv, "plain", cfg=1.0)[:1], target),
         "null-text": psnr(replay(tuned, "null-text")[:1], target),
+        **({fast_label(args): psnr(replay(fast, "null-text")[:1], target)}
+           if fast is not None else {}),
         "negative-prompt": psnr(replay(inv, "negative-prompt")[:1], target),
         "direct": psnr(replay(inv, "direct")[:1], target),
     }
@@ -96,14 +112,25 @@ def ours(env, args):
         "plain": lambda: replay(inv, "plain", positive=pair, lat=pair_noise),
     }, args.repeats)
     stats = tuned.meta["null_text"]
-    return {"t_invert_s": t_invert, "t_null_text_s": t_null, "forwards": stats["forwards"],
+    out_fast = {}
+    if fast is not None:
+        fs = fast.meta["null_text"]
+        out_fast = {"fast": {"inner": args.fast_inner, "lr": args.fast_lr, "secant": args.fast_secant,
+                             "secant_factor_median": fs["secant_factor_median"], "t_null_text_s": t_fast,
+                             "forwards": fs["forwards"], "backwards": fs["backwards"], "iterations": fs["iterations"],
+                             "null_psnr": quality[fast_label(args)]}}
+    return {"t_invert_s": t_invert, "t_null_text_s": t_null, "forwards": stats["forwards"], **out_fast,
             "backwards": stats["backwards"], "iterations": stats["iterations"], "quality_latent_psnr_db": quality,
             "edit_s": edit_times, "ratio_direct_vs_plain_edit": edit_times["direct"] / edit_times["plain"],
             "latent": target, "null_psnr": quality["null-text"]}
 
 
-def reference(env, args, target_latent):
-    """Mokady et al.'s null-text loop, re-implemented on diffusers (same weights, same image, fp32, CPU)."""
+def reference(env, args, target_latent, settings=None):
+    """Mokady et al.'s null-text loop, re-implemented on diffusers (same weights, same image, fp32).
+
+    ``settings``: a list of (inner steps, lr) to run on the one pivot (default: the paper's, (args.inner, 1e-2)).
+    """
+    settings = settings or [(args.inner, 1e-2)]
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from editlab.samplers.inversion import psnr
     import comfy.model_management as mm
@@ -151,45 +178,52 @@ def reference(env, args, target_latent):
             t = int(sched.timesteps[len(sched.timesteps) - i - 1])
             cur = next_step(eps(cur, t, cond), t, cur)
             traj.append(cur)
-    counts["fwd"] = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    nulls, cur, u, iterations = [], traj[-1], uncond, []
-    for i in range(args.steps):
-        u = u.clone().detach().requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
-        prev_target = traj[len(traj) - i - 2]
-        t = int(sched.timesteps[i])
-        with torch.no_grad():
-            e_c = eps(cur, t, cond)
-        for j in range(args.inner):
-            e_u = eps(cur, t, u)
-            rec = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
-            loss = torch.nn.functional.mse_loss(rec, prev_target)
-            opt.zero_grad()
-            loss.backward()
-            counts["bwd"] += 1
-            opt.step()
-            if loss.item() < 1e-5 + i * 2e-5:
-                break
-        iterations.append(j + 1)
-        nulls.append(u[:1].detach())
-        with torch.no_grad():
-            e = eps(torch.cat([cur] * 2), t, torch.cat([u, cond]))
-            counts["fwd"] += 1  # the batched [uncond, cond] forward counts as two evaluations
-            e_u, e_c = e.chunk(2)
-            cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
-    sync()
-    t_null = time.perf_counter() - t0
-    with torch.no_grad():  # replay with the optimised nulls
-        cur = traj[-1]
+
+    def run(inner, lr):
+        counts["fwd"], counts["bwd"] = 0, 0
+        sync()
+        t0 = time.perf_counter()
+        nulls, cur, u, iterations = [], traj[-1], uncond, []
         for i in range(args.steps):
+            u = u.clone().detach().requires_grad_(True)
+            opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
+            prev_target = traj[len(traj) - i - 2]
             t = int(sched.timesteps[i])
-            e_u, e_c = unet(cur, t, encoder_hidden_states=nulls[i]).sample, unet(cur, t, encoder_hidden_states=cond).sample
-            cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
-    return {"t_null_text_s": t_null, "forwards": counts["fwd"], "backwards": counts["bwd"],
-            "iterations": iterations, "clean_end": args.ref_clean_end, "null_psnr": psnr(cur.cpu() / 0.18215, target_latent.float())}
+            with torch.no_grad():
+                e_c = eps(cur, t, cond)
+            for j in range(inner):
+                e_u = eps(cur, t, u)
+                rec = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
+                loss = torch.nn.functional.mse_loss(rec, prev_target)
+                opt.zero_grad()
+                loss.backward()
+                counts["bwd"] += 1
+                opt.step()
+                if loss.item() < 1e-5 + i * 2e-5:
+                    break
+            iterations.append(j + 1)
+            nulls.append(u[:1].detach())
+            with torch.no_grad():
+                e = eps(torch.cat([cur] * 2), t, torch.cat([u, cond]))
+                counts["fwd"] += 1  # the batched [uncond, cond] forward counts as two evaluations
+                e_u, e_c = e.chunk(2)
+                cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
+        sync()
+        t_null = time.perf_counter() - t0
+        with torch.no_grad():  # replay with the optimised nulls
+            cur = traj[-1]
+            for i in range(args.steps):
+                t = int(sched.timesteps[i])
+                e_u = unet(cur, t, encoder_hidden_states=nulls[i]).sample
+                e_c = unet(cur, t, encoder_hidden_states=cond).sample
+                cur = prev_step(e_u + 7.5 * (e_c - e_u), t, cur)
+        return {"inner": inner, "lr": lr, "t_null_text_s": t_null, "forwards": counts["fwd"],
+                "backwards": counts["bwd"], "iterations": iterations, "clean_end": args.ref_clean_end,
+                "null_psnr": psnr(cur.cpu() / 0.18215, target_latent.float())}
+
+    runs = [run(inner, lr) for inner, lr in settings]
+    return runs[0] if len(runs) == 1 else runs
 
 
 def memory_phase(env, args, phase: str) -> None:
@@ -230,10 +264,18 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--fast-inner", type=int, default=0,
+                    help="also run both sides with this many inner steps at --fast-lr (0: skip)")
+    ap.add_argument("--fast-lr", type=float, default=1e-2)
+    ap.add_argument("--fast-secant", action="store_true",
+                    help="EditLab side of the fast run: Null-Text Optimize's secant correction (the reference "
+                         "side runs the paper's loop at the same inner steps and lr, which has none)")
+    ap.add_argument("--image-seed", type=int, default=0, help="seed of the random input image")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mem-steps", type=int, default=5)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--memory-phase", choices=["plain", "null-text"])
+    ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "out"))
     ap.add_argument("--ref-clean-end", choices=["alpha0", "one"], default="alpha0",
                     help="the reference's clean end: the notebook's final alpha = alphas_cumprod[0] (default) or "
@@ -257,12 +299,23 @@ def main() -> None:
         return
     mine = ours(env, args)
     report = {"machine": machine(), "fp32_text_encoder": args.fp32_text_enc, "tame": args.tame,
+              "image_seed": args.image_seed,
               "bf16_unet_ours": args.bf16_unet, "size": args.size, "steps": args.steps, "inner": args.inner,
               "ours": {k: v for k, v in mine.items() if k not in ("latent",)}}
     if not args.skip_reference:
-        ref = reference(env, args, mine["latent"])
+        if args.fast_inner:
+            ref, ref_fast = reference(env, args, mine["latent"], [(args.inner, 1e-2), (args.fast_inner, args.fast_lr)])
+            report["reference_fast"] = ref_fast
+            fast = mine["fast"]["t_null_text_s"]
+            report["null_text_speedup_ref_paper_over_ours_fast"] = ref["t_null_text_s"] / fast
+            report["null_text_speedup_ref_fast_over_ours_fast"] = ref_fast["t_null_text_s"] / fast
+        else:
+            ref = reference(env, args, mine["latent"])
         report["reference"] = ref
         report["null_text_speedup_ref_over_ours"] = ref["t_null_text_s"] / mine["t_null_text_s"]
+    if args.skip_memory:
+        print(json.dumps(report, indent=1, default=lambda o: float(o) if not math.isinf(float(o)) else "inf"))
+        return
     mem = {}
     for phase in ("plain", "null-text"):
         out = subprocess.run([sys.executable, __file__, "--memory-phase", phase, "--size", str(args.size),

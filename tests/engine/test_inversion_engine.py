@@ -73,6 +73,21 @@ def test_direct_reconstructs_exactly_and_null_text_beats_the_drift(setup, tuned)
     assert p_cfg1 > p_plain and p_neg == pytest.approx(p_cfg1, abs=1e-3)  # source as negative == no guidance
 
 
+def test_secant_null_text_runs_in_the_engine_with_fewer_passes_and_beats_the_drift(setup, tuned):
+    s = setup
+    (fast,) = call("EditLabNullTextOptimize", model=s["model"], inversion=s["inv"], negative=s["empty"], guidance=7.5,
+                   inner_steps=3, early_stop=1e-5, early_stop_slope=2e-5, learning_rate=1e-2, check_model=True,
+                   secant=True)
+    meta, paper = fast.meta["null_text"], tuned.meta["null_text"]
+    assert meta["secant"] is True and paper["secant"] is False and paper["secant_factor_median"] is None
+    assert meta["backwards"] <= 3 * STEPS < paper["backwards"] and meta["forwards"] < paper["forwards"]
+    assert isinstance(meta["secant_factor_median"], float) and meta["secant_factor_median"] > 0
+    assert fast.null_embeddings.shape == tuned.null_embeddings.shape
+    _, p_fast = replay(s, fast, "null-text")
+    _, p_plain = replay(s, s["inv"], "plain")
+    assert p_fast > p_plain + 6, (p_fast, p_plain)
+
+
 def test_direct_edits_keep_the_source_row_exact_while_other_rows_change(setup):
     s = setup
     from editlab.samplers.inversion import psnr
