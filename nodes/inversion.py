@@ -13,8 +13,8 @@ import contextlib
 import hashlib
 import logging
 import os
-import statistics
 import re
+import statistics
 from typing import Optional
 
 import torch
@@ -395,16 +395,17 @@ class NullTextOptimize(io.ComfyNode):
         except InversionError as exc:
             raise user_error(exc) from exc
         stats = pass_.stats
+        median = round(statistics.median(stats.secant_factors), 4) if stats.secant_factors else None
         out = inv.with_nulls(pass_.nulls, null_text={
             "guidance": guidance, "forwards": stats.forwards, "backwards": stats.backwards,
             "final_losses": [round(v, 8) for v in stats.losses[-3:]],
             "iterations": list(stats.iterations), "fp16_loss_scale": stats.loss_scale,
             "skipped_updates": stats.skipped_updates, "secant": bool(secant),
-            "secant_factor_median": round(statistics.median(stats.secant_factors), 4) if stats.secant_factors else None})
+            "secant_factor_median": median})
         early = sum(1 for it in stats.iterations if it < inner_steps)
         log.info("EditLab null-text: %d UNet forwards, %d backwards, %d of %d steps stopped early%s.",
                  stats.forwards, stats.backwards, early, len(stats.iterations),
-                 f", secant factor median {out.meta['null_text']['secant_factor_median']}" if secant else "")
+                 f", secant factor median {median}" if secant else "")
         return io.NodeOutput(out)
 
 

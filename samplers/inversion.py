@@ -134,10 +134,10 @@ def secant_step_factor(prev_res: torch.Tensor, res: torch.Tensor) -> Optional[fl
     update was the right length; > 1: too short; < 1: too long. None when the residual did not move.
     """
     d = res - prev_res
-    den = float(d.square().sum())
+    den, num = torch.stack([d.square().sum(), (prev_res * d).sum()]).tolist()  # one host read, not two
     if not (den > 0 and math.isfinite(den)):
         return None
-    return -float((prev_res * d).sum()) / den
+    return -num / den
 
 
 def optimize_null_text(
