@@ -14,14 +14,55 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+from comfy_api.latest import io
 
+from ..errors import EditLabError
 from ..samplers.sdedit import SDEditInputError, check_t0, tail_schedule
 
 CATEGORY = "EditLab"
 
 
-class EditLabError(ValueError):
-    """A problem with the user's inputs; the message says what to do."""
+class EditLabNode(io.ComfyNode):
+    """Base of every EditLab node: checks each declared choice and bound at queue time.
+
+    ComfyUI 0.3.64 does not check a schema-style node's combo values (an API prompt or a hand-edited
+    workflow with an unknown value would reach ``execute``), and a node that defines ``validate_inputs``
+    with ``**kwargs`` turns off ComfyUI's own min/max checks; so this validator checks both, for every
+    widget value the prompt holds (linked inputs arrive as None and are checked where they are used).
+    """
+
+    @classmethod
+    def validate_inputs(cls, **kwargs) -> bool | str:
+        problems = [p for p in (_check_widget(i, kwargs.get(i.id)) for i in _widget_inputs(cls)) if p]
+        return "; ".join(problems) if problems else True
+
+
+def _widget_inputs(node: type[io.ComfyNode]) -> list:
+    # define_schema, not GET_SCHEMA: validation runs on a locked copy of the class.
+    return [i for i in node.define_schema().inputs if isinstance(i, io.WidgetInput)]
+
+
+def _check_widget(spec, value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(spec, io.Combo.Input):
+        options = list(spec.options or [])
+        if options and value not in options:
+            return f"{spec.id}: {value!r} is not one of {options}"
+        return None
+    bounded = isinstance(spec, (io.Int.Input, io.Float.Input)) and isinstance(value, (int, float))
+    if bounded and spec.min is not None and value < spec.min:
+        return f"{spec.id}: {value} is below the minimum {spec.min}"
+    if bounded and spec.max is not None and value > spec.max:
+        return f"{spec.id}: {value} is above the maximum {spec.max}"
+    return None
+
+
+def check_choice(value: str, options, what: str) -> str:
+    """A choice checked where it is used (also when it arrives through a link)."""
+    if value not in options:
+        raise EditLabError(f"{what}: {value!r} is not one of {list(options)}")
+    return value
 
 
 def user_error(exc: Exception) -> EditLabError:

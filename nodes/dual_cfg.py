@@ -21,7 +21,7 @@ import node_helpers
 from comfy_api.latest import io
 
 from ..guidance.dual_cfg import SHAPES, DualCFG, DualCFGInputError, ScaleSchedule, step_fraction
-from .common import CATEGORY, EditLabError, is_k_space, model_sampling, user_error
+from .common import CATEGORY, EditLabError, EditLabNode, is_k_space, model_sampling, user_error
 
 DUAL_CFG_CATEGORY = f"{CATEGORY}/Dual CFG"
 IMAGE_KEY = "concat_latent_image"
@@ -59,7 +59,7 @@ def encode_text(clip, text: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-class InstructPix2PixEncode(io.ComfyNode):
+class InstructPix2PixEncode(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -179,7 +179,7 @@ def check_pairing(model, both, base_only, neither) -> None:
             "ComfyUI's InstructPixToPixConditioning) and connect both / image_only / neither in that order.")
 
 
-class DualCFGCombiner(io.ComfyNode):
+class DualCFGCombiner(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

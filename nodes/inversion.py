@@ -35,7 +35,7 @@ from ..samplers.inversion import (
     optimize_null_text,
     psnr,
 )
-from .common import CATEGORY, EditLabError, Progress, latent_samples, to_latent_space, user_error
+from .common import CATEGORY, EditLabError, EditLabNode, Progress, latent_samples, to_latent_space, user_error
 
 INVERSION_CATEGORY = f"{CATEGORY}/Inversion"
 InversionType = io.Custom("EDITLAB_INVERSION")
@@ -259,7 +259,7 @@ class InversionGuider(comfy.samplers.CFGGuider):
 
 # -- nodes ---------------------------------------------------------------------------------------
 
-class DDIMInvert(io.ComfyNode):
+class DDIMInvert(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -332,7 +332,7 @@ class DDIMInvert(io.ComfyNode):
         return io.NodeOutput(inv, out, sigmas.clone())
 
 
-class NullTextOptimize(io.ComfyNode):
+class NullTextOptimize(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -409,7 +409,7 @@ class NullTextOptimize(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-class InversionGuiderNode(io.ComfyNode):
+class InversionGuiderNode(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -519,7 +519,7 @@ def load_inversion(path: str) -> Inversion:
         raise EditLabError(f"{os.path.basename(path)}: {exc}") from exc
 
 
-class SaveInversion(io.ComfyNode):
+class SaveInversion(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -547,7 +547,7 @@ class SaveInversion(io.ComfyNode):
         return io.NodeOutput(f"output/{name}")
 
 
-class LoadInversion(io.ComfyNode):
+class LoadInversion(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -591,7 +591,7 @@ class LoadInversion(io.ComfyNode):
         return io.NodeOutput(inv, {"samples": noise}, inv.sigmas.clone())
 
 
-class ReconstructionPSNR(io.ComfyNode):
+class ReconstructionPSNR(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -32,7 +32,7 @@ from ..guidance.p2p import (
     build_edit_spec,
     parse_word_values,
 )
-from .common import CATEGORY, EditLabError, latent_samples, user_error
+from .common import CATEGORY, EditLabError, EditLabNode, latent_samples, user_error
 
 P2P_CATEGORY = f"{CATEGORY}/Prompt-to-Prompt"
 EDIT = io.Custom("EDITLAB_P2P_EDIT")
@@ -89,7 +89,7 @@ def _check_tokens(clip, sd_tokenizer, prompt: str, spec_words) -> dict:
     return tokens
 
 
-class PromptPairEncode(io.ComfyNode):
+class PromptPairEncode(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -176,7 +176,7 @@ def encode_rows(clip, rows: list[dict]) -> list:
     return [[torch.cat(conds), info]]
 
 
-class P2PLatentBatch(io.ComfyNode):
+class P2PLatentBatch(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -351,7 +351,7 @@ def controlled_model(model, spec: EditSpec, settings: ControlSettings):
     return m
 
 
-class AttentionController(io.ComfyNode):
+class AttentionController(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -437,7 +437,7 @@ def attention_map_grid(maps: torch.Tensor, grid: tuple[int, int], spec: EditSpec
     return torch.stack(images)
 
 
-class AttentionMaps(io.ComfyNode):
+class AttentionMaps(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -32,6 +32,7 @@ from ..samplers.sdedit import (
 from .common import (
     CATEGORY,
     EditLabError,
+    EditLabNode,
     Progress,
     cancel_callback,
     is_k_space,
@@ -97,7 +98,7 @@ def perturbed_latent(model, latent: dict, t0: float, steps: int, scheduler: str,
     return out, sigmas
 
 
-class SDEPerturb(io.ComfyNode):
+class SDEPerturb(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -142,7 +143,7 @@ class ReverseSDESampler(comfy.samplers.KSAMPLER):
         return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 
-class ReverseSDESamplerNode(io.ComfyNode):
+class ReverseSDESamplerNode(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -257,7 +258,7 @@ class KnownRegionSampler(comfy.samplers.Sampler):
         return samples
 
 
-class KnownRegionSamplerNode(io.ComfyNode):
+class KnownRegionSamplerNode(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -306,7 +307,7 @@ class KnownRegionSamplerNode(io.ComfyNode):
         return io.NodeOutput(KnownRegionSampler(sampler, mask, guide, keeps, known_noise, replace_on, int(seed)))
 
 
-class SDEditT0Search(io.ComfyNode):
+class SDEditT0Search(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -34,7 +34,7 @@ from ..guidance.subject import (
     plan_splice,
     preprocess,
 )
-from .common import CATEGORY, EditLabError, user_error
+from .common import CATEGORY, EditLabError, EditLabNode, user_error
 from .p2p import EDIT, _check_tokens, encode_rows, word_tokenizer
 
 SUBJECT_CATEGORY = f"{CATEGORY}/Subject"
@@ -97,7 +97,7 @@ class SubjectEncoderModel:
         return out.float().mean(dim=0).to(comfy.model_management.intermediate_device())
 
 
-class SubjectEncoderLoader(io.ComfyNode):
+class SubjectEncoderLoader(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -128,7 +128,7 @@ class SubjectEncoderLoader(io.ComfyNode):
         return io.NodeOutput(SubjectEncoderModel(loaded, folder))
 
 
-class SubjectEncode(io.ComfyNode):
+class SubjectEncode(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -191,7 +191,7 @@ def subject_tokens(clip, subject: Subject, text: str) -> tuple[dict, str]:
     return {"l": [row]}, report
 
 
-class SubjectPrompt(io.ComfyNode):
+class SubjectPrompt(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -238,7 +238,7 @@ class SubjectPrompt(io.ComfyNode):
         return io.NodeOutput(positive, negative, report)
 
 
-class SubjectMix(io.ComfyNode):
+class SubjectMix(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -273,7 +273,7 @@ class SubjectMix(io.ComfyNode):
             raise user_error(exc) from exc
 
 
-class SubjectEditPair(io.ComfyNode):
+class SubjectEditPair(EditLabNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
