@@ -1,4 +1,8 @@
-"""``python -m <pack dir> run WORKFLOW.json --comfyui PATH``: the headless runner (see headless/runner.py)."""
+"""``python -m editlab run WORKFLOW.json --comfyui PATH``: the headless runner's CLI (see headless/runner.py).
+
+Works as ``python -m editlab`` from the folder holding the pack (``ComfyUI/custom_nodes``), as
+``python -m editlab`` from inside the pack (through ``editlab.py``), and as ``python path/to/__main__.py``.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +14,10 @@ def _runner():
     if __package__:
         from .headless import runner
         return runner
-    # Run as a plain script: import the pack under a stable name so relative imports work.
+    # Run as a plain script: the pack folder is on sys.path, where its `nodes/` package would shadow
+    # ComfyUI's `nodes` module; import the pack under a stable name instead, so relative imports work.
     root = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.path.realpath(root)]
     spec = importlib.util.spec_from_file_location("editlab", os.path.join(root, "__init__.py"),
                                                   submodule_search_locations=[root])
     module = importlib.util.module_from_spec(spec)

@@ -36,7 +36,7 @@ CONTENDERS = ["comfy_plain", "comfy_p2p", "comfy_p2p_blend", "reference_p2p", "d
 
 def build(args) -> dict:
     """Every contender as a zero-argument callable that samples once."""
-    env = setup(args.work)
+    env = setup(args.work, full_size=getattr(args, "full_size", False))  # gpu_tier.py: full-size weights
     import nodes
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as cs

@@ -6,7 +6,7 @@ Three predictions per step, from three condition levels:
 * ``base_only`` - the base condition only        (IP2P: image + empty/negative text)     e(c_I, ∅)
 * ``both``      - base and extra condition       (IP2P: image + instruction)             e(c_I, c_T)
 
-combined as (METHODS.md §6, Brooks et al. eq. 3)::
+combined as (docs/methods.md §6, Brooks et al. eq. 3)::
 
     e = e(∅, ∅) + s_I (e(c_I, ∅) - e(∅, ∅)) + s_T (e(c_I, c_T) - e(c_I, ∅))
 
@@ -28,12 +28,10 @@ from typing import Literal, Optional, Sequence, Union
 
 import torch
 
+from ..errors import EditLabError
+
 Shape = Literal["constant", "linear", "cosine"]
 SHAPES: tuple[str, ...] = ("constant", "linear", "cosine")
-
-
-class DualCFGInputError(ValueError):
-    """A user-facing input problem (the message says what to do)."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +52,11 @@ class ScaleSchedule:
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
-            raise DualCFGInputError(f"unknown schedule shape {self.shape!r}; choose one of {SHAPES}")
+            raise EditLabError(f"unknown schedule shape {self.shape!r}; choose one of {SHAPES}")
         for name in ("start", "end"):
             value = getattr(self, name)
             if not math.isfinite(float(value)):
-                raise DualCFGInputError(f"schedule {name} must be a finite number, got {value!r}")
+                raise EditLabError(f"schedule {name} must be a finite number, got {value!r}")
 
     def at(self, fraction: float) -> float:
         f = min(max(float(fraction), 0.0), 1.0)
@@ -66,8 +64,10 @@ class ScaleSchedule:
             return float(self.start)
         if self.shape == "linear":
             w = f
-        else:
+        elif self.shape == "cosine":
             w = 0.5 * (1.0 - math.cos(math.pi * f))
+        else:  # unreachable after __post_init__; never read an unknown shape as one of the others
+            raise EditLabError(f"unknown schedule shape {self.shape!r}; choose one of {SHAPES}")
         return float(self.start) + (float(self.end) - float(self.start)) * w
 
 
@@ -149,7 +149,7 @@ class DualCFG:
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.rescale) <= 1.0:
-            raise DualCFGInputError(
+            raise EditLabError(
                 f"guidance rescale must be in [0, 1], got {self.rescale}; 0 = off, 0.7 is the paper's value")
 
     def scales_at(self, fraction: float) -> tuple[float, float]:

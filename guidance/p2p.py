@@ -1,4 +1,4 @@
-"""Prompt-to-Prompt attention control on plain tensors (METHODS.md §5; Hertz et al., ICLR 2023).
+"""Prompt-to-Prompt attention control on plain tensors (docs/methods.md §5; Hertz et al., ICLR 2023).
 
 The batch of one sampling run is ``[source, target_1, ..., target_n]``; inside a forward pass the rows
 come in chunks of that size, one chunk per entry of ``cond_or_uncond`` (0 = conditional). Only the
@@ -23,17 +23,19 @@ read them.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import string
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import EditLabError
 from .tokens import (
     MAX_TOKENS,
-    AlignmentError,
     Tokenize,
     Word,
     find_words,
@@ -47,10 +49,6 @@ from .tokens import (
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 MODES = ("replace", "refine", "reweight")
-
-
-class P2PInputError(ValueError):
-    """A user-fixable problem with prompt-to-prompt inputs; the message says what to do."""
 
 
 def basic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -130,13 +128,13 @@ def parse_word_values(text: str, default: Optional[float], what: str) -> list[tu
         word = word.strip()
         if value.strip() == "":
             if default is None:
-                raise P2PInputError(f"{what}: {item!r} needs a value, written word:value (e.g. cat:0.4)")
+                raise EditLabError(f"{what}: {item!r} needs a value, written word:value (e.g. cat:0.4)")
             out.append((word, float(default)))
             continue
         try:
             out.append((word, float(value)))
         except ValueError:
-            raise P2PInputError(f"{what}: cannot read the value of {item!r}; write word:number, e.g. cat:2") from None
+            raise EditLabError(f"{what}: cannot read the value of {item!r}; write word:number, e.g. cat:2") from None
     return out
 
 
@@ -154,30 +152,24 @@ def build_edit_spec(
 ) -> EditSpec:
     """Align ``[source, target_1, ...]`` for ``mode`` and place reweight/blend/override words on tokens."""
     if mode not in MODES:
-        raise P2PInputError(f"unknown edit mode {mode!r}; choose one of {MODES}")
+        raise EditLabError(f"unknown edit mode {mode!r}; choose one of {MODES}")
     if len(prompts) < 2:
-        raise P2PInputError("prompt-to-prompt needs a source prompt and at least one target prompt")
-    try:
-        words = [split_words(p, tokenize, length) for p in prompts]
-    except AlignmentError as exc:
-        raise P2PInputError(str(exc)) from exc
+        raise EditLabError("prompt-to-prompt needs a source prompt and at least one target prompt")
+    words = [split_words(p, tokenize, length) for p in prompts]
     n = len(prompts) - 1
     base = torch.zeros(n, length, length)
     keep = torch.ones(n, length)
     for t in range(n):
         src, tgt = words[0], words[t + 1]
         if mode == "replace":
-            try:
-                base[t] = replace_map(src, tgt, length)
-            except AlignmentError as exc:
-                raise P2PInputError(f"target {t + 1}: {exc}") from exc
+            base[t] = replace_map(src, tgt, length)
         elif mode == "refine":
             mapper, alphas = refine_map(token_ids(src, bos, eos), token_ids(tgt, bos, eos), length)
             base[t] = refine_matrix(mapper, length)
             keep[t] = alphas
         else:
             if [w.tokens for w in src] != [w.tokens for w in tgt]:
-                raise P2PInputError(
+                raise EditLabError(
                     f"reweight alone keeps the source prompt, but target {t + 1} differs ({prompts[t + 1]!r}); "
                     "use replace (word swap) or refine (added words) — reweight words apply on top of either"
                 )
@@ -191,7 +183,7 @@ def build_edit_spec(
             table[t, pos] = value
             hits += len(pos)
         if not hits:
-            raise P2PInputError(f"{what} {word!r} is not in the target prompt(s): {list(prompts[1:])}")
+            raise EditLabError(f"{what} {word!r} is not in the target prompt(s): {list(prompts[1:])}")
 
     weights = torch.ones(n, length)
     for word, factor in reweight:
@@ -200,7 +192,7 @@ def build_edit_spec(
     until = torch.full((n, length), float("nan"))
     for word, frac in replace_overrides:
         if not 0.0 <= frac <= 1.0:
-            raise P2PInputError(f"cross-replace override {word}:{frac} must be a fraction in [0, 1]")
+            raise EditLabError(f"cross-replace override {word}:{frac} must be a fraction in [0, 1]")
         fill_targets(until, word, frac, "cross-replace override word")
 
     blend = torch.zeros(len(prompts), length)
@@ -211,7 +203,7 @@ def build_edit_spec(
             blend[r, pos] = 1.0
             hits += len(pos)
         if not hits:
-            raise P2PInputError(f"blend word {word!r} is in none of the prompts: {list(prompts)}")
+            raise EditLabError(f"blend word {word!r} is in none of the prompts: {list(prompts)}")
     return EditSpec(list(prompts), words, mode, base, keep, weights, until, blend, length)
 
 
@@ -244,13 +236,13 @@ def subject_edit_spec(
     words = source.split()
     phrase = [normalise(p) for p in subject_word.split() if normalise(p)]
     if not phrase:
-        raise P2PInputError("the subject word is empty: name the word of the source prompt the subject "
-                            "replaces, e.g. 'dog' in 'a photo of a dog on the grass'")
+        raise EditLabError("the subject word is empty: name the word of the source prompt the subject "
+                           "replaces, e.g. 'dog' in 'a photo of a dog on the grass'")
     keys = [normalise(w) for w in words]
     at = next((i for i in range(len(keys) - len(phrase) + 1) if keys[i:i + len(phrase)] == phrase), None)
     if at is None:
-        raise P2PInputError(f"the subject word {subject_word!r} is not in the source prompt {source!r}; the "
-                            "source prompt describes the photo and must name the object to replace")
+        raise EditLabError(f"the subject word {subject_word!r} is not in the source prompt {source!r}; the "
+                           "source prompt describes the photo and must name the object to replace")
     renamed = words[at:at + len(phrase)]
     if target_class.strip():  # the new class word keeps the old one's trailing punctuation ("dog," -> "cat,")
         last = renamed[-1]
@@ -262,11 +254,14 @@ def subject_edit_spec(
     def tokenize_with_subject(word: str) -> list[int]:
         return placeholder if word == SUBJECT_WORD else tokenize(word)
 
-    try:
-        spec = build_edit_spec([" ".join(words), target], "refine", tokenize_with_subject, bos=bos, eos=eos,
-                               blend_words=[subject_word, " ".join(renamed)] if blend else [], length=length)
-    except P2PInputError as exc:
-        raise P2PInputError(f"{exc} (the target row also holds the subject's {n_subject} vectors)") from exc
+    used = sum(len(tokenize_with_subject(w)) for w in target.split())
+    if used + 2 > length:  # checked here so the message can name the subject's share of the chunk
+        raise EditLabError(
+            f"the target row needs {used} tokens (the source prompt {source!r} plus the subject's {n_subject} "
+            f"vectors) but one CLIP chunk holds {length - 2}: shorten the source prompt"
+        )
+    spec = build_edit_spec([" ".join(words), target], "refine", tokenize_with_subject, bos=bos, eos=eos,
+                           blend_words=[subject_word, " ".join(renamed)] if blend else [], length=length)
     subject = next(w for w in spec.words[1] if w.text == SUBJECT_WORD).positions
     if blend:
         spec.blend[1, subject] = 1.0
@@ -313,7 +308,7 @@ def chunk_layout(batch: int, cond_or_uncond: Sequence[int], rows: int) -> list[i
     """Source-row index of every conditional chunk; refuses a batch that is not ``rows`` per chunk."""
     chunks = max(len(cond_or_uncond), 1)
     if batch % chunks or batch // chunks != rows:
-        raise P2PInputError(
+        raise EditLabError(
             f"the sampled batch has {batch // chunks} rows per conditioning but the edit has {rows} prompts "
             f"(source + {rows - 1} target(s)); sample a latent batch of {rows} that starts from one noise "
             "(EditLab P2P Latent Batch) with the CONDITIONING from Prompt Pair Encode"
@@ -341,7 +336,7 @@ def edited_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         from_source = (s.abs().flatten(1).amax(dim=1) > 0).tolist()
     keys = k.shape[1]
     if keys % length:
-        raise P2PInputError(f"the conditioning has {keys} tokens per row; prompt-to-prompt needs {length} (one CLIP chunk)")
+        raise EditLabError(f"the conditioning has {keys} tokens per row; prompt-to-prompt needs {length} (one CLIP chunk)")
     reps = keys // length
     b, _, hd = v.shape
     d = hd // heads
@@ -440,43 +435,84 @@ class ControlSettings:
     start_blend: float = 0.2
 
 
-@dataclass
-class RunState:
-    """Per-sampling-run state; reset at the start of every run."""
+@dataclass(frozen=True)
+class Step:
+    """Where a forward pass is in its sampling run: step ``index`` of ``steps`` (from its own schedule)."""
 
-    steps: int = 0
-    sample_sigmas: list[float] = field(default_factory=list)
-    latent_size: Optional[tuple[int, int]] = None
-    map_tokens: int = -1
-    step: int = 0
-    coeffs: dict = field(default_factory=dict)
+    index: int
+    steps: int
+
+
+def step_of(sigma: float, sample_sigmas: Sequence[float]) -> Step:
+    """The :class:`Step` of an evaluation at ``sigma`` on the schedule ``sample_sigmas`` (steps + 1 values)."""
+    if len(sample_sigmas) < 2:
+        raise EditLabError(f"prompt-to-prompt needs a schedule of at least one step, got sigmas {list(sample_sigmas)}")
+    return Step(step_index(sigma, sample_sigmas), len(sample_sigmas) - 1)
+
+
+@dataclass
+class P2PRun:
+    """The state of one sampling run: the attention maps it accumulates and its local-blend mask.
+
+    Made by :meth:`P2PController.new_run` when a run starts and handed to every attention call of that run
+    (the host carries it in the run's own options), so two runs of one controlled model never share it.
+    """
+
+    grid: tuple[int, int]
     maps: Optional[torch.Tensor] = None
-    grid: Optional[tuple[int, int]] = None
     map_calls: int = 0
     mask: Optional[torch.Tensor] = None
-    started: bool = False  # begin_run was called (else runs are told apart by the step going back)
+
+    @property
+    def map_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def add_maps(self, p: torch.Tensor) -> None:
+        self.maps = p if self.maps is None else self.maps + p
+        self.map_calls += 1
+
+
+@dataclass(frozen=True)
+class MapsRecord:
+    """What a finished run leaves for the Attention Maps viewer: maps averaged over calls ``[rows, P, L]``."""
+
+    maps: torch.Tensor
+    grid: tuple[int, int]
+    mask: Optional[torch.Tensor]
+
+
+def latent_fingerprint(samples: torch.Tensor) -> str:
+    """Identity of a sampled latent by its exact values (shape, dtype, bytes): how a later node that is
+    given the LATENT finds the run that produced it."""
+    t = samples.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    return f"{tuple(t.shape)}:{t.dtype}:{digest}"
 
 
 class P2PController:
-    """Prompt-to-prompt attention control for one edit spec; the host calls :meth:`begin_run`,
-    :meth:`begin_forward`, :meth:`cross`, :meth:`self_attention` and :meth:`blend`.
+    """Prompt-to-prompt attention control for one edit spec; the host calls :meth:`new_run` when a sampling
+    run starts, :meth:`cross` / :meth:`self_attention` in every attention layer (with the :class:`Step` read
+    from that forward's own schedule and the run), :meth:`blend` on the denoised prediction and
+    :meth:`finish` with the run's output.
 
     ``levels``: downsample factors of the model's cross-attention layers (to pick the map resolution
-    nearest ``settings.map_size``). Copies made by ``copy.deepcopy`` (ComfyUI's ``model.clone()``) are
-    this same object: the state of a run belongs to the controller, not to one ModelPatcher.
+    nearest ``settings.map_size``). Copies made by ``copy.deepcopy`` (ComfyUI's ``model.clone()``) are this
+    same object; it holds no run state, only the records of finished runs keyed by their output latent.
     """
+
+    RECORDS = 16  # finished runs remembered for the viewer (a few samplers, re-queues)
 
     def __init__(self, spec: EditSpec, settings: ControlSettings, levels: Sequence[int]):
         self.spec = spec
         self.settings = settings
         self.levels = sorted(set(int(f) for f in levels)) or [1]
-        self.state = RunState()
-        self.last_maps: Optional[dict] = None
+        self._records: OrderedDict[str, MapsRecord] = OrderedDict()
+        self._coeff_memo: tuple = (None, None)
 
     def __deepcopy__(self, memo):
         return self
 
-    # -- run / step bookkeeping -------------------------------------------------------------------
+    # -- runs -------------------------------------------------------------------------------------
     def map_level(self, latent_size: tuple[int, int]) -> tuple[int, int]:
         """Grid of the attention layers whose side is nearest ``map_size`` (log scale; ties: larger)."""
         h, w = latent_size
@@ -489,86 +525,83 @@ class P2PController:
                 best = (key, (gh, gw))
         return best[1]
 
-    def begin_run(self, batch: int, latent_size: tuple[int, int], sample_sigmas: Sequence[float]) -> None:
+    def new_run(self, batch: int, latent_size: tuple[int, int]) -> P2PRun:
+        """The state of a sampling run of ``batch`` rows on a ``latent_size`` latent (checked against the edit)."""
         if batch != self.spec.rows:
-            raise P2PInputError(
+            raise EditLabError(
                 f"the latent batch is {batch} but the edit has {self.spec.rows} prompts (source + "
                 f"{self.spec.targets} target(s)); feed the sampler a batch of {self.spec.rows} rows from one "
                 "noise (EditLab P2P Latent Batch) and the CONDITIONING of Prompt Pair Encode"
             )
-        sigmas = [float(s) for s in sample_sigmas]
-        grid = self.map_level(latent_size)
-        self.state = RunState(steps=max(len(sigmas) - 1, 1), sample_sigmas=sigmas, latent_size=tuple(latent_size),
-                              map_tokens=grid[0] * grid[1], grid=grid, started=True)
+        return P2PRun(grid=self.map_level(tuple(latent_size)))
 
-    def end_run(self) -> None:
-        st = self.state
-        if st.maps is not None:
-            self.last_maps = {"maps": (st.maps / max(st.map_calls, 1)).cpu(), "grid": st.grid,
-                              "mask": None if st.mask is None else st.mask.cpu()}
+    def finish(self, run: P2PRun, samples: torch.Tensor) -> Optional[MapsRecord]:
+        """Record the run's maps under its output latent (``samples``: what the sampler returns)."""
+        if run.maps is None:
+            return None
+        record = MapsRecord((run.maps / max(run.map_calls, 1)).cpu(), run.grid,
+                            None if run.mask is None else run.mask.cpu())
+        key = latent_fingerprint(samples)
+        self._records.pop(key, None)
+        self._records[key] = record
+        while len(self._records) > self.RECORDS:
+            self._records.popitem(last=False)
+        return record
 
-    def begin_forward(self, sigma: float, sample_sigmas: Optional[Sequence[float]] = None) -> None:
-        st = self.state
-        if not st.sample_sigmas:
-            if sample_sigmas is None:
-                raise P2PInputError("prompt-to-prompt needs the sampler's sigmas (sample through a ComfyUI sampler)")
-            st.sample_sigmas = [float(s) for s in sample_sigmas]
-            st.steps = max(len(st.sample_sigmas) - 1, 1)
-        step = step_index(sigma, st.sample_sigmas)
-        if step < st.step and not st.started:  # a new run that did not pass through begin_run
-            self.state = st = RunState(steps=st.steps, sample_sigmas=st.sample_sigmas, latent_size=st.latent_size,
-                                       map_tokens=st.map_tokens, grid=st.grid)
-        st.step = step
+    def maps_for(self, samples: torch.Tensor) -> Optional[MapsRecord]:
+        """The record of the run whose output is exactly ``samples``, if this controller made it."""
+        return self._records.get(latent_fingerprint(samples))
 
-    def _coefficients(self, device, dtype):
-        key = (self.state.step, device, dtype)
-        c = self.state.coeffs.get(key)
-        if c is None:
-            alpha = cross_alpha(self.spec, self.settings.cross_replace, self.state.step, self.state.steps)
-            s, t = cross_coefficients(self.spec, alpha)
-            active = bool((alpha > 0).any())
-            flags = ((t.abs().amax(dim=1) > 0).tolist(), (s.abs().flatten(1).amax(dim=1) > 0).tolist())
-            c = (active, s.to(device, dtype), t.to(device, dtype), flags)
-            self.state.coeffs = {key: c}
+    def _coefficients(self, step: Step, device, dtype):
+        """(active, S, T, host flags) of a step; a one-entry memo (the ~30 layers of a forward share it)."""
+        key = (step, device, dtype)
+        if self._coeff_memo[0] == key:
+            return self._coeff_memo[1]
+        alpha = cross_alpha(self.spec, self.settings.cross_replace, step.index, step.steps)
+        s, t = cross_coefficients(self.spec, alpha)
+        active = bool((alpha > 0).any())
+        flags = ((t.abs().amax(dim=1) > 0).tolist(), (s.abs().flatten(1).amax(dim=1) > 0).tolist())
+        c = (active, s.to(device, dtype), t.to(device, dtype), flags)
+        self._coeff_memo = (key, c)
         return c
 
     # -- attention ----------------------------------------------------------------------------------
-    def cross(self, q, k, v, heads: int, cond_or_uncond: Sequence[int], attention: Attention) -> torch.Tensor:
+    def cross(self, q, k, v, heads: int, cond_or_uncond: Sequence[int], step: Step, attention: Attention,
+              run: Optional[P2PRun] = None) -> torch.Tensor:
         sources = chunk_layout(q.shape[0], cond_or_uncond, self.spec.rows)
-        if q.shape[1] == self.state.map_tokens and sources:
-            self._store_maps(q, k, heads, sources[0])
-        active, s, t, (own, from_source) = self._coefficients(q.device, v.dtype)
+        if run is not None and sources and q.shape[1] == run.map_tokens:
+            self._store_maps(run, q, k, heads, sources[0])
+        active, s, t, (own, from_source) = self._coefficients(step, q.device, v.dtype)
         if not active or not sources:
             return attention(q, k, v, heads)
         return edited_cross_attention(q, k, v, heads, sources, s, t, attention, own, from_source)
 
-    def self_attention(self, q, k, v, heads: int, cond_or_uncond: Sequence[int], attention: Attention) -> torch.Tensor:
+    def self_attention(self, q, k, v, heads: int, cond_or_uncond: Sequence[int], step: Step,
+                       attention: Attention) -> torch.Tensor:
         sources = chunk_layout(q.shape[0], cond_or_uncond, self.spec.rows)
-        st = self.state
         if (not sources or q.shape[1] > self.settings.self_max_tokens
-                or not self_replace_active(self.settings.self_replace, st.step, st.steps)):
+                or not self_replace_active(self.settings.self_replace, step.index, step.steps)):
             return attention(q, k, v, heads)
         return replaced_self_attention(q, k, v, heads, sources, self.spec.rows, attention)
 
-    def _store_maps(self, q, k, heads: int, source: int) -> None:
+    def _store_maps(self, run: P2PRun, q, k, heads: int, source: int) -> None:
         """Head-averaged maps of the conditional rows (unedited, as the reference stores them)."""
         rows = slice(source, source + self.spec.rows)
-        p = attention_probs(q[rows], _fold(k[rows], self.spec.length), heads).mean(1)
-        st = self.state
-        st.maps = p if st.maps is None else st.maps + p
-        st.map_calls += 1
+        run.add_maps(attention_probs(q[rows], _fold(k[rows], self.spec.length), heads).mean(1))
 
     # -- local blend ----------------------------------------------------------------------------------
-    def blend(self, x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+    def blend(self, run: P2PRun, x: torch.Tensor, denoised: torch.Tensor, sigma: float,
+              sample_sigmas: Sequence[float]) -> torch.Tensor:
         """The denoised prediction with the targets blended (see :func:`blended_denoised`)."""
-        st = self.state
-        if not self.spec.has_blend or st.maps is None or not blend_active(self.settings.start_blend, st.step, st.steps):
+        step = step_of(sigma, sample_sigmas)
+        if (not self.spec.has_blend or run.maps is None
+                or not blend_active(self.settings.start_blend, step.index, step.steps)):
             return denoised
-        mask = blend_mask(st.maps, st.grid, self.spec.blend.to(st.maps.device), tuple(x.shape[-2:]),
+        mask = blend_mask(run.maps, run.grid, self.spec.blend.to(run.maps.device), tuple(x.shape[-2:]),
                           self.settings.blend_threshold)
-        st.mask = mask
-        sig = st.sample_sigmas
+        run.mask = mask
+        sig, k = sample_sigmas, step.index
         ratio = 0.0
-        if st.step + 1 < len(sig) and abs(sig[st.step] - sigma) <= 1e-5 * max(sigma, 1e-8):
-            ratio = sig[st.step + 1] / sig[st.step] if sig[st.step] > 0 else 0.0
+        if abs(sig[k] - sigma) <= 1e-5 * max(sigma, 1e-8):  # an evaluation at the step's start sigma
+            ratio = sig[k + 1] / sig[k] if sig[k] > 0 else 0.0
         return blended_denoised(x, denoised, mask.to(x.device), ratio)

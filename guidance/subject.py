@@ -1,4 +1,4 @@
-"""BLIP-Diffusion subject encoder and subject-prompt splicing (Li et al., NeurIPS 2023; METHODS.md §7).
+"""BLIP-Diffusion subject encoder and subject-prompt splicing (Li et al., NeurIPS 2023; docs/methods.md §7).
 
 Pure torch (``transformers`` only lazily, for the BERT tokenizer and the BLIP-2 config defaults); no ComfyUI.
 
@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import EditLabError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -35,10 +38,6 @@ WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "mod
 VOCAB_PLACES = ("qformer/vocab.txt", "qformer_tokenizer/vocab.txt", "bert-base-uncased/vocab.txt")
 # Buffers that transformers saves with the weights but that are recomputed here.
 IGNORED_KEYS = ("embeddings.position_ids",)
-
-
-class SubjectInputError(ValueError):
-    """A problem with the user's inputs or files; the message says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -113,7 +112,7 @@ def _activation(name: str) -> nn.Module:
         return nn.GELU(approximate="tanh")
     if name == "relu":
         return nn.ReLU()
-    raise SubjectInputError(f"unsupported activation {name!r} in the subject encoder config")
+    raise EditLabError(f"unsupported activation {name!r} in the subject encoder config")
 
 
 class QuickGELU(nn.Module):
@@ -366,7 +365,7 @@ def _hf_cache_vocab() -> Optional[str]:
 def find_subject_files(folder: str) -> SubjectFiles:
     """The files of a BLIP-Diffusion folder (diffusers layout), or an error naming what is missing."""
     if not os.path.isdir(folder):
-        raise SubjectInputError(f"subject encoder folder not found: {folder}. {_expected_listing(folder)}")
+        raise EditLabError(f"subject encoder folder not found: {folder}. {_expected_listing(folder)}")
     qdir = os.path.join(folder, "qformer")
     config = os.path.join(qdir, "config.json")
     missing = []
@@ -391,20 +390,30 @@ def find_subject_files(folder: str) -> SubjectFiles:
     if vocab is None:
         missing.append(f"vocab.txt ({' | '.join(VOCAB_PLACES)})")
     if missing:
-        raise SubjectInputError(f"subject encoder folder {folder} is missing {', '.join(missing)}. "
+        raise EditLabError(f"subject encoder folder {folder} is missing {', '.join(missing)}. "
                                 f"{_expected_listing(folder)}")
     pre = os.path.join(folder, "image_processor", "preprocessor_config.json")
     return SubjectFiles(folder, config, weights, vocab, pre if os.path.isfile(pre) else None)
 
 
 def read_state_dict(paths: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors of every weights file (safetensors, or a torch pickle with ``weights_only``); a file that
+    cannot be read (truncated by an interrupted download, or not a weights file) is named in the error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     sd: dict[str, torch.Tensor] = {}
     for path in paths:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd.update(load_file(path))
-        else:
-            sd.update(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            sd.update(load_file(path) if path.endswith(".safetensors")
+                      else torch.load(path, map_location="cpu", weights_only=True))
+        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            size = os.path.getsize(path) if os.path.isfile(path) else 0
+            raise EditLabError(
+                f"cannot read the subject encoder weights {path} ({size} bytes): {exc}. The file is damaged or "
+                "incomplete (an interrupted download?): download it again from the BLIP-Diffusion release "
+                "(diffusers layout, qformer/ folder) and replace it"
+            ) from exc
     return sd
 
 
@@ -430,7 +439,7 @@ def load_weights(model: SubjectEncoder, sd: dict[str, torch.Tensor], source: str
                  f"unexpected keys: {show(unexpected)}" if unexpected else "",
                  ("shape mismatches: " + show([f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
                                                 for k in wrong])) if wrong else ""]
-        raise SubjectInputError(f"the weights in {source} do not match qformer/config.json ("
+        raise EditLabError(f"the weights in {source} do not match qformer/config.json ("
                                 + "; ".join(p for p in parts if p) + "). Use the qformer/ folder of the "
                                 "BLIP-Diffusion release (diffusers layout) with its own config.json.")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
@@ -465,7 +474,7 @@ class LoadedSubjectEncoder:
     def class_ids(self, word: str) -> torch.Tensor:
         word = word.strip()
         if not word:
-            raise SubjectInputError("the subject class word is empty; give the subject's category, e.g. 'dog'")
+            raise EditLabError("the subject class word is empty; give the subject's category, e.g. 'dog'")
         return torch.tensor([self.tokenizer(word)["input_ids"]], dtype=torch.long)
 
 
@@ -487,17 +496,17 @@ def load_subject_encoder(folder: str, name: Optional[str] = None) -> LoadedSubje
 def preprocess(images: torch.Tensor, spec: Preprocess) -> torch.Tensor:
     """ComfyUI IMAGE [B, H, W, C] in 0..1 -> normalised pixels [B, 3, S, S] (bicubic, aspect not kept)."""
     if images.ndim != 4:
-        raise SubjectInputError(f"expected an IMAGE [batch, height, width, channels], got shape {tuple(images.shape)}")
+        raise EditLabError(f"expected an IMAGE [batch, height, width, channels], got shape {tuple(images.shape)}")
     c = images.shape[-1]
     if c == 1:
         images = images.expand(-1, -1, -1, 3)  # grey -> RGB, as PIL's convert("RGB")
     elif c == 4:
         images = images[..., :3]  # alpha dropped, as PIL's convert("RGB")
     elif c != 3:
-        raise SubjectInputError(f"the subject image has {c} channels; give an RGB image (3 channels)")
+        raise EditLabError(f"the subject image has {c} channels; give an RGB image (3 channels)")
     h, w = images.shape[1:3]
     if min(h, w) < MIN_IMAGE_SIDE:
-        raise SubjectInputError(f"the subject image is {w}x{h} px, too small to show a subject; give at least "
+        raise EditLabError(f"the subject image is {w}x{h} px, too small to show a subject; give at least "
                                 f"{MIN_IMAGE_SIDE} px a side (the encoder sees {spec.size}x{spec.size})")
     x = images.movedim(-1, 1).float()
     x = F.interpolate(x, size=(spec.size, spec.size), mode="bicubic", align_corners=False, antialias=True)
@@ -525,14 +534,14 @@ class Subject:
 def mix_subjects(subjects: Sequence[Subject], weights: Sequence[float], class_word: str = "") -> Subject:
     """Weighted average of subject embeddings (normalised weights): subject interpolation / style mixing."""
     if len(subjects) == 0:
-        raise SubjectInputError("Subject Mix needs at least one SUBJECT")
+        raise EditLabError("Subject Mix needs at least one SUBJECT")
     shapes = {tuple(s.embeds.shape) for s in subjects}
     if len(shapes) != 1:
-        raise SubjectInputError(f"subjects of different shapes cannot be mixed: {sorted(shapes)}; "
+        raise EditLabError(f"subjects of different shapes cannot be mixed: {sorted(shapes)}; "
                                 "encode them with the same subject encoder")
     total = float(sum(weights))
     if any(w < 0 for w in weights) or total <= 0:
-        raise SubjectInputError(f"mix weights must be >= 0 with a positive sum, got {list(weights)}")
+        raise EditLabError(f"mix weights must be >= 0 with a positive sum, got {list(weights)}")
     embeds = sum(float(w) / total * s.embeds for s, w in zip(subjects, weights))
     if not class_word.strip():
         class_word = max(zip(weights, range(len(subjects))))[1]
@@ -544,10 +553,10 @@ def build_prompt(prompt: str, target_class: str, prompt_strength: float = 1.0, p
     """The reference prompt: ``"a {target_class} {prompt}"`` repeated ``int(strength * reps)`` times, ", "-joined."""
     target_class = target_class.strip()
     if not target_class:
-        raise SubjectInputError("the target class word is empty; give the category to generate, e.g. 'dog'")
+        raise EditLabError("the target class word is empty; give the category to generate, e.g. 'dog'")
     reps = int(prompt_strength * prompt_reps)
     if reps < 1:
-        raise SubjectInputError(f"prompt_strength x prompt_reps = {prompt_strength} x {prompt_reps} gives "
+        raise EditLabError(f"prompt_strength x prompt_reps = {prompt_strength} x {prompt_reps} gives "
                                 f"{reps} repetitions; it must be at least 1")
     return ", ".join([f"a {target_class} {prompt.strip()}".strip()] * reps)
 
@@ -572,7 +581,7 @@ def plan_splice(content: Sequence[Any], n_subject: int, start: int, end: int, pa
     """
     budget = max_length - n_subject - 2
     if budget < begin - 1:
-        raise SubjectInputError(f"{n_subject} subject vectors leave no room in a {max_length}-token prompt")
+        raise EditLabError(f"{n_subject} subject vectors leave no room in a {max_length}-token prompt")
     kept = list(content[:budget])
     row = [start, *kept[: begin - 1], *[("subject", i) for i in range(n_subject)], *kept[begin - 1:], end]
     row += [pad] * (max_length - len(row))

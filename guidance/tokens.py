@@ -1,4 +1,4 @@
-"""Word <-> token alignment for prompt-to-prompt (METHODS.md §5; Hertz et al. 2023, ``seq_aligner``).
+"""Word <-> token alignment for prompt-to-prompt (docs/methods.md §5; Hertz et al. 2023, ``seq_aligner``).
 
 Pure Python/torch: a prompt is split into whitespace words, each word is tokenised by a callable
 (``tokenize(word) -> list[int]``, no start/end tokens), and the token positions of every word are
@@ -19,12 +19,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import EditLabError
+
 MAX_TOKENS = 77
 Tokenize = Callable[[str], list[int]]
-
-
-class AlignmentError(ValueError):
-    """Prompts that cannot be aligned as asked; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ def split_words(prompt: str, tokenize: Tokenize, max_tokens: int = MAX_TOKENS) -
         words.append(Word(text, ids, pos))
         pos += len(ids)
     if pos + 1 > max_tokens:  # + the end token
-        raise AlignmentError(
+        raise EditLabError(
             f"the prompt {prompt!r} is {pos - 1} tokens; prompt-to-prompt works on one {max_tokens}-token CLIP "
             f"chunk ({max_tokens - 2} tokens of text): shorten it"
         )
@@ -102,7 +100,7 @@ def replace_map(src: Sequence[Word], tgt: Sequence[Word], length: int = MAX_TOKE
     misaligns the tail when a swap changes the token count).
     """
     if len(src) != len(tgt):
-        raise AlignmentError(
+        raise EditLabError(
             f"source and target prompts differ in word count ({len(src)} vs {len(tgt)}); word swap (replace) "
             "needs equal counts — use refine to add or remove words"
         )

@@ -2,14 +2,31 @@
 
 The example workflows in ``workflows/`` are generated with this, from the *loaded* node definitions,
 so their ``widgets_values`` follow each node's real widget order (a public contract: widgets are only
-ever appended). Regenerate with ``python -m <pack dir> build-workflows --comfyui PATH``.
+ever appended). Regenerate with ``python -m editlab build-workflows --comfyui PATH``.
+
+Layout: a graph reads left to right by stage. ``Graph(info, stages=[...])`` names the stage of each
+column ("load", "invert", "edit", "decode and save"...); consecutive columns of one stage share a
+ComfyUI group. The "Read me" note stands alone at the far left. Node sizes are at least what
+ComfyUI's frontend draws (see ``node_size``), so the frontend never grows a node over its neighbour.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from .convert import _extra_values, _is_widget, ordered_inputs
+from .convert import extra_values, is_widget, ordered_inputs
+
+# LiteGraph geometry (ComfyUI frontend 1.27): a node's title bar is drawn *above* pos[1]; a group's title
+# bar (font 24) is inside its bounding box, at the top.
+NODE_TITLE_HEIGHT = 30
+GROUP_TITLE_HEIGHT = 34
+GROUP_PADDING = 20
+NODE_GAP = 24        # vertical space between one node's bottom and the next one's title bar
+COLUMN_GAP = 50      # horizontal space between columns of one group (room for the links)
+GROUP_GAP = 60       # horizontal space between groups
+OUTPUT_PREVIEW_HEIGHT = 220  # room for the image / text an output node shows after a run
+GROUP_COLORS = ("#3f789e", "#8A8", "#b58b2a", "#88A", "#a1309b", "#b06634")
 
 
 @dataclass(frozen=True)
@@ -19,49 +36,78 @@ class Out:
     type: str
 
 
+def node_size(title: str, inputs: list[dict], widgets: list[Any], specs: dict[str, Any], n_outputs: int,
+              output_node: bool = False) -> list[int]:
+    """[width, height] (title bar excluded) at least as large as ComfyUI's frontend draws the node.
+
+    Measured in the frontend (``node.computeSize()`` after ``app.loadGraphData``): the width grows with the
+    title (~7.6 px per character at the 14 px title font); the height is ~20 px per socket row (an input
+    and an output share a row), ~26 px per widget, a multiline text box needs more, and Load Image shows
+    the picture under its widgets; an output node (Save Image, Preview Any) shows its result under its
+    widgets after a run. Each term here is rounded up."""
+    sockets = sum(1 for i in inputs if "widget" not in i)
+    multiline = sum(1 for spec in specs.values() if is_widget(spec) and _opts(spec).get("multiline"))
+    single = len(widgets) - multiline
+    width = max(300, 30 + 8 * len(title))
+    height = 10 + 22 * max(sockets, n_outputs) + 28 * single + 110 * multiline
+    if any(_opts(spec).get("image_upload") for spec in specs.values()):
+        height += 280  # the image preview under the upload button
+    if output_node:
+        height += OUTPUT_PREVIEW_HEIGHT
+    return [int(width), int(height)]
+
+
+def note_size(text: str, width: int) -> list[int]:
+    """A Markdown note tall enough for its text at the frontend's note font (~7 px a character, 20 px lines)."""
+    per_line = max(1, (width - 30) // 7)
+    lines = sum(max(1, math.ceil(len(line) / per_line)) for line in text.split("\n"))
+    headings = text.count("#")
+    return [width, int(40 + 20 * lines + 12 * headings)]
+
+
 class Graph:
-    """A UI-format graph under construction. ``info`` maps class -> {input, output, output_name}."""
+    """A UI-format graph under construction. ``info`` maps class -> {input, output, output_name, display_name};
+    ``stages[c]`` names the stage (the group) of column ``c``."""
 
-    COLUMN = 330
-
-    def __init__(self, info: dict[str, dict]):
+    def __init__(self, info: dict[str, dict], stages: Sequence[str] = ()):
         self.info = info
+        self.stages = list(stages)
         self.nodes: list[dict] = []
         self.links: list[list] = []
-        self._col: dict[int, int] = {}
+        self._columns: dict[int, list[dict]] = {}
+        self._notes: list[dict] = []
 
-    def _place(self, column: int, height: int) -> list[int]:
-        y = self._col.get(column, 40)
-        self._col[column] = y + height + 40
-        return [40 + column * self.COLUMN, y]
-
-    def note(self, text: str, column: int = 0, title: str = "Read me", width: int = 420) -> None:
+    def note(self, text: str, title: str = "Read me", width: int = 460) -> None:
+        """A Markdown note, in the lane left of the first stage."""
         nid = len(self.nodes) + 1
-        height = 120 + 18 * text.count("\n")
-        self.nodes.append({
-            "id": nid, "type": "MarkdownNote", "title": title, "pos": self._place(column, height),
-            "size": [width, height], "flags": {}, "order": nid - 1, "mode": 0, "inputs": [], "outputs": [],
+        node = {
+            "id": nid, "type": "MarkdownNote", "title": title, "pos": [0, 0], "size": note_size(text, width),
+            "flags": {}, "order": nid - 1, "mode": 0, "inputs": [], "outputs": [],
             "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653",
-        })
+        }
+        self.nodes.append(node)
+        self._notes.append(node)
 
     def add(self, class_type: str, column: int, title: Optional[str] = None, **kwargs: Any) -> tuple[Out, ...]:
         if class_type not in self.info:
             raise KeyError(f"unknown node type {class_type}")
+        if not 0 <= column < len(self.stages):
+            raise ValueError(f"{class_type}: column {column} has no stage (stages: {self.stages})")
         info = self.info[class_type]
         nid = len(self.nodes) + 1
         inputs, widgets = [], []
-        for name, spec in ordered_inputs(info["input"]):
+        specs = dict(ordered_inputs(info["input"]))
+        for name, spec in specs.items():
             value = kwargs.pop(name, None)
-            if _is_widget(spec):
+            if is_widget(spec):
                 if isinstance(value, Out):
                     link = self._link(value, nid, len(inputs))
                     inputs.append({"name": name, "type": _widget_type(spec), "widget": {"name": name}, "link": link})
                     value = _default(spec)
                 widgets.append(_default(spec) if value is None else value)
-                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                if opts.get("control_after_generate"):
+                if _opts(spec).get("control_after_generate"):
                     widgets.append("fixed")
-                if _extra_values(spec) > (1 if opts.get("control_after_generate") else 0):
+                if extra_values(spec) > (1 if _opts(spec).get("control_after_generate") else 0):
                     widgets.append("image")
             else:
                 entry = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None}
@@ -76,23 +122,26 @@ class Graph:
         names = info.get("output_name") or info["output"]
         for slot, otype in enumerate(info["output"]):
             outputs.append({"name": names[slot], "type": otype, "links": [], "slot_index": slot})
-        height = 60 + 26 * (len(inputs) + len(widgets) + len(outputs))
+        shown = title or info.get("display_name") or class_type  # the title the frontend draws
+        size = node_size(shown, inputs, widgets, specs, len(outputs), bool(info.get("output_node")))
         node = {
-            "id": nid, "type": class_type, "pos": self._place(column, height), "size": [300, height],
+            "id": nid, "type": class_type, "pos": [0, 0], "size": size,
             "flags": {}, "order": nid - 1, "mode": 0, "inputs": inputs, "outputs": outputs,
             "properties": {"Node name for S&R": class_type}, "widgets_values": widgets,
         }
         if title:
             node["title"] = title
         self.nodes.append(node)
+        self._columns.setdefault(column, []).append(node)
         return tuple(Out(nid, slot, otype) for slot, otype in enumerate(info["output"]))
 
     def sample_decode(self, column: int, *, noise: Out, guider: Out, sampler: Out, sigmas: Out, latent: Out,
-                      vae: Out, prefix: Optional[str] = None) -> tuple[Out, Out]:
-        """SamplerCustomAdvanced -> VAEDecode (-> SaveImage with ``prefix``): the end of most example graphs.
-        Returns the sampled LATENT and the decoded IMAGE."""
+                      vae: Out, prefix: Optional[str] = None, decode_column: Optional[int] = None) -> tuple[Out, Out]:
+        """SamplerCustomAdvanced (in ``column``) -> VAEDecode (-> SaveImage with ``prefix``; in ``decode_column``,
+        default the same): the end of most example graphs. Returns the sampled LATENT and the decoded IMAGE."""
         out, _denoised = self.add("SamplerCustomAdvanced", column, noise=noise, guider=guider, sampler=sampler,
                                   sigmas=sigmas, latent_image=latent)
+        column = column if decode_column is None else decode_column
         (decoded,) = self.add("VAEDecode", column, samples=out, vae=vae)
         if prefix is not None:
             self.add("SaveImage", column, images=decoded, filename_prefix=prefix)
@@ -104,12 +153,50 @@ class Graph:
         self.nodes[src.node - 1]["outputs"][src.slot]["links"].append(link_id)
         return link_id
 
+    def _layout(self) -> list[dict]:
+        """Place the notes, then each stage's columns left to right; one group around each stage."""
+        x, top = 0, 0
+        for node in self._notes:
+            node["pos"] = [x, top + NODE_TITLE_HEIGHT]
+            top += node["size"][1] + NODE_TITLE_HEIGHT + NODE_GAP
+        if self._notes:
+            x += max(n["size"][0] for n in self._notes) + GROUP_GAP
+        groups: list[dict] = []
+        used = sorted(self._columns)
+        spans: list[tuple[str, list[int]]] = []
+        for column in used:
+            if spans and spans[-1][0] == self.stages[column] and spans[-1][1][-1] == column - 1:
+                spans[-1][1].append(column)
+            else:
+                spans.append((self.stages[column], [column]))
+        for title, columns in spans:
+            left, bottom = x, 0
+            x += GROUP_PADDING
+            for column in columns:
+                y = GROUP_TITLE_HEIGHT + GROUP_PADDING
+                nodes = self._columns[column]
+                for node in nodes:
+                    node["pos"] = [x, y + NODE_TITLE_HEIGHT]
+                    y += NODE_TITLE_HEIGHT + node["size"][1] + NODE_GAP
+                bottom = max(bottom, y - NODE_GAP)
+                x += max(n["size"][0] for n in nodes) + COLUMN_GAP
+            x += GROUP_PADDING - COLUMN_GAP
+            groups.append({"id": len(groups) + 1, "title": title, "bounding": [left, 0, x - left, bottom + GROUP_PADDING],
+                           "color": GROUP_COLORS[len(groups) % len(GROUP_COLORS)], "font_size": 24, "flags": {}})
+            x += GROUP_GAP
+        return groups
+
     def to_json(self) -> dict:
+        groups = self._layout()
         return {
             "last_node_id": len(self.nodes), "last_link_id": len(self.links),
-            "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+            "nodes": self.nodes, "links": self.links, "groups": groups, "config": {},
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
         }
+
+
+def _opts(spec: Any) -> dict:
+    return spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
 
 
 def _widget_type(spec: Any) -> str:
@@ -117,7 +204,7 @@ def _widget_type(spec: Any) -> str:
 
 
 def _default(spec: Any) -> Any:
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    opts = _opts(spec)
     if "default" in opts:
         return opts["default"]
     if isinstance(spec[0], (list, tuple)):

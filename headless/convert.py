@@ -13,18 +13,23 @@ ComfyUI. Rules implemented (those of the frontend's graph-to-prompt):
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import difflib
+import json
+from typing import Any, Iterable, Optional
+
+from ..errors import EditLabError
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 MODE_MUTED, MODE_BYPASSED = 2, 4
 
 
-class WorkflowError(ValueError):
+class WorkflowError(EditLabError):
     """The workflow cannot be converted; the message names the node and the problem."""
 
 
-def _is_widget(spec: Any) -> bool:
+def is_widget(spec: Any) -> bool:
+    """Whether an input spec (``INPUT_TYPES`` entry) is a widget, i.e. has a value in ``widgets_values``."""
     if not isinstance(spec, (list, tuple)) or not spec:
         return False
     kind = spec[0]
@@ -36,7 +41,7 @@ def _is_widget(spec: Any) -> bool:
     return kind in WIDGET_TYPES
 
 
-def _extra_values(spec: Any) -> int:
+def extra_values(spec: Any) -> int:
     """How many hidden frontend widgets follow this widget in ``widgets_values``."""
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     extra = 0
@@ -47,7 +52,12 @@ def _extra_values(spec: Any) -> int:
     return extra
 
 
+# The former private names (headless/batch.py still imports them).
+_is_widget, _extra_values = is_widget, extra_values
+
+
 def ordered_inputs(definition: dict) -> list[tuple[str, Any]]:
+    """A node's inputs in definition order (required, then optional): the order of ``widgets_values``."""
     out: list[tuple[str, Any]] = []
     for section in ("required", "optional"):
         for name, spec in (definition.get(section) or {}).items():
@@ -60,8 +70,13 @@ def _node_label(node: dict) -> str:
     return f"#{node.get('id')} {node.get('type')}" + (f" ('{title}')" if title else "")
 
 
-def convert(workflow: dict, definitions: dict[str, dict]) -> dict[str, dict]:
-    """Convert a UI-format workflow to an API-format prompt ``{id: {class_type, inputs, _meta}}``."""
+def convert(workflow: dict, definitions: dict[str, dict],
+            display_names: Optional[dict[str, str]] = None) -> dict[str, dict]:
+    """Convert a UI-format workflow to an API-format prompt ``{id: {class_type, inputs, _meta}}``.
+
+    ``_meta.title`` is what the UI shows on the node, as the frontend writes it: the node's own title,
+    else its class's display name (``display_names``), else the class type."""
+    display_names = display_names or {}
     if "nodes" not in workflow or "links" not in workflow:
         if all(isinstance(v, dict) and "class_type" in v for v in workflow.values()):
             return workflow  # already API format
@@ -123,12 +138,12 @@ def convert(workflow: dict, definitions: dict[str, dict]) -> dict[str, dict]:
         for name, spec in ordered_inputs(definitions[ntype]):
             entry = by_name.get(name)
             link_id = entry.get("link") if entry else None
-            if _is_widget(spec):
+            if is_widget(spec):
                 if isinstance(wv, dict):
                     value = wv.get(name)
                 else:
                     value = next(values, None)
-                    for _ in range(_extra_values(spec)):
+                    for _ in range(extra_values(spec)):
                         next(values, None)
                 if (nid, name) in primitive_values:
                     value = primitive_values[(nid, name)]
@@ -145,30 +160,73 @@ def convert(workflow: dict, definitions: dict[str, dict]) -> dict[str, dict]:
                 if src is not None:
                     inputs[name] = [str(src[0]), src[1]]
         prompt[str(nid)] = {"class_type": ntype, "inputs": inputs,
-                            "_meta": {"title": node.get("title") or ntype}}
+                            "_meta": {"title": node.get("title") or display_names.get(ntype) or ntype}}
     return prompt
 
 
-def apply_overrides(prompt: dict[str, dict], overrides: Iterable[str]) -> dict[str, dict]:
-    """Apply ``node.input=value`` overrides; ``node`` is a node id, title or class type (unique)."""
-    import json
+def _label(nid: str, node: dict) -> str:
+    title = node.get("_meta", {}).get("title")
+    return f"#{nid} {node['class_type']}" + (f" ('{title}')" if title and title != node["class_type"] else "")
 
+
+def _sorted_ids(prompt: dict) -> list[str]:
+    return sorted(prompt, key=lambda s: (0, int(s)) if s.isdigit() else (1, s))
+
+
+def find_nodes(prompt: dict[str, dict], ref: str, display_names: Optional[dict[str, str]] = None) -> list[str]:
+    """Ids of the nodes ``ref`` names: a node id, the title the UI shows, a class type or its display name."""
+    names = display_names or {}
+    return [k for k in _sorted_ids(prompt)
+            if ref in (k, prompt[k].get("_meta", {}).get("title"), prompt[k]["class_type"],
+                       names.get(prompt[k]["class_type"]))]
+
+
+def _split_override(item: str, prompt: dict, display_names: Optional[dict[str, str]]) -> tuple[str, str, str]:
+    """``NODE.INPUT=VALUE`` -> (node ref, input, raw value). A title may hold '.' or '=' (``row s_I = 1.0``):
+    the first '=' whose left side names a node wins; without one, the first '='."""
+    splits = []
+    for i, ch in enumerate(item):
+        if ch == "=" and "." in item[:i]:
+            node_ref, input_name = item[:i].rsplit(".", 1)
+            splits.append((node_ref, input_name, item[i + 1:]))
+    if not splits:
+        raise WorkflowError(f"--set expects NODE.INPUT=VALUE, got {item!r}")
+    for split in splits:
+        if len(find_nodes(prompt, split[0], display_names)) == 1:
+            return split
+    return splits[0]
+
+
+def apply_overrides(prompt: dict[str, dict], overrides: Iterable[str], definitions: Optional[dict[str, dict]] = None,
+                    display_names: Optional[dict[str, str]] = None) -> dict[str, dict]:
+    """Apply ``NODE.INPUT=VALUE`` overrides to a copy of ``prompt``.
+
+    NODE is a node id, the title the UI shows, or a class type / display name that only one node has. INPUT
+    must be one of the node's inputs (from ``definitions`` when given, else the inputs the prompt already has):
+    a misspelt input is an error listing them, never silently ignored. VALUE is JSON, else text."""
     out = {k: {**v, "inputs": dict(v["inputs"])} for k, v in prompt.items()}
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise WorkflowError(f"--set expects node.input=value, got {item!r}")
-        target, raw = item.split("=", 1)
-        node_ref, input_name = target.rsplit(".", 1)
-        matches = [k for k, v in out.items()
-                   if node_ref in (k, v.get("_meta", {}).get("title"), v["class_type"])]
+        node_ref, input_name, raw = _split_override(item, out, display_names)
+        matches = find_nodes(out, node_ref, display_names)
         if len(matches) != 1:
-            raise WorkflowError(
-                f"--set {item!r}: node '{node_ref}' matches {len(matches)} nodes; use the node id "
-                f"(ids: {', '.join(sorted(out, key=lambda s: int(s) if s.isdigit() else 0))})"
-            )
+            nodes = ", ".join(_label(k, out[k]) for k in (matches or _sorted_ids(out)))
+            raise WorkflowError(f"--set {item!r}: node '{node_ref}' matches {len(matches)} nodes; name it by id, "
+                                f"the title the UI shows, or a class type only one node has ("
+                                f"{'matching' if matches else 'nodes'}: {nodes})")
+        nid = matches[0]
+        ctype = out[nid]["class_type"]
+        if definitions is not None and ctype in definitions:
+            known = [name for name, _spec in ordered_inputs(definitions[ctype])]
+        else:
+            known = list(out[nid]["inputs"])
+        if input_name not in known:
+            close = difflib.get_close_matches(input_name, known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise WorkflowError(f"--set {item!r}: node {_label(nid, out[nid])} has no input '{input_name}'; "
+                                f"its inputs: {', '.join(known) or '(none)'}.{hint}")
         try:
             value = json.loads(raw)
         except ValueError:
             value = raw
-        out[matches[0]]["inputs"][input_name] = value
+        out[nid]["inputs"][input_name] = value
     return out

@@ -21,14 +21,15 @@ def _base(g: Graph, positive: str, negative: str = "blurry, lowres, watermark"):
 
 
 def _guide_sample_save(g: Graph, column: int, model, pos, neg, noise, sampler, sigmas, latent, vae, prefix: str):
-    """CFGGuider -> SamplerCustomAdvanced -> VAEDecode -> SaveImage, the common end of the SDEdit graphs."""
+    """CFGGuider -> SamplerCustomAdvanced, then VAEDecode -> SaveImage in the next column: the common end of
+    the SDEdit graphs."""
     (guider,) = g.add("CFGGuider", column, model=model, positive=pos, negative=neg, cfg=7.5)
     out, decoded = g.sample_decode(column, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                                   latent=latent, vae=vae, prefix=prefix)
+                                   latent=latent, vae=vae, prefix=prefix, decode_column=column + 1)
 
 
 def sdedit_stroke_painting(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode", "SDEdit: perturb to t0", "sample (reverse SDE)", "decode and save"])
     g.note(
         "## SDEdit: stroke painting -> realistic image\n\n"
         "Meng et al., *SDEdit*, ICLR 2022. The painting is noised to **t0** and denoised with the\n"
@@ -38,7 +39,7 @@ def sdedit_stroke_painting(info: dict) -> dict:
         "* **t0** (SDE Perturb): 0.3-0.6 for strokes. Higher = more realistic, less faithful.\n"
         "* **repeat** (Reverse SDE Sampler): K > 1 re-runs perturb+denoise K times (paper: 3).\n"
         "* Swap the Reverse SDE Sampler for any KSamplerSelect sampler: the graph still works.",
-        column=0, width=460)
+        width=460)
     model, clip, vae, pos, neg = _base(g, "a photo of a mountain lake at sunset, detailed, realistic")
     image, _mask = g.add("LoadImage", 0, image=STROKE_IMAGE)
     (latent,) = g.add("VAEEncode", 1, pixels=image, vae=vae)
@@ -50,7 +51,7 @@ def sdedit_stroke_painting(info: dict) -> dict:
 
 
 def sdedit_masked_photo_edit(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode", "SDEdit: perturb, masked sampler", "sample", "decode and save"])
     g.note(
         "## Masked SDEdit: paint strokes onto a photo, regenerate only there\n\n"
         "Paint over a photo, then erase (make transparent) the area to change in the mask editor:\n"
@@ -59,7 +60,7 @@ def sdedit_masked_photo_edit(info: dict) -> dict:
         "* **known_noise**: same = SDEdit (one noise draw); fresh = a new draw each step (smoother seams).\n"
         "* **replace_on**: where the kept region is written back (x_t, x0 prediction, or both).\n"
         "* The Known-Region Sampler wraps *any* sampler; the guide input must be the clean latent.",
-        column=0, width=460)
+        width=460)
     model, clip, vae, pos, neg = _base(g, "a photo of a red sailing boat on a lake")
     image, mask = g.add("LoadImage", 0, image=PHOTO_IMAGE)
     (latent,) = g.add("VAEEncode", 1, pixels=image, vae=vae)
@@ -72,13 +73,13 @@ def sdedit_masked_photo_edit(info: dict) -> dict:
 
 
 def sdedit_t0_search(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode", "t0 search", "decode, save and show"])
     g.note(
         "## SDEdit t0 search: the most realistic result within a faithfulness budget\n\n"
         "Bisection over t0 with a fixed seed (at most *max_runs* samplings). With a VAE connected the\n"
         "distance is the pixel mean squared error to the guide on [0, 1] (0.01 ~ PSNR 20 dB).\n"
         "The chosen t0 and its distance are shown by the preview nodes; reuse t0 in SDE Perturb.",
-        column=0, width=460)
+        width=460)
     model, clip, vae, pos, neg = _base(g, "a photo of a mountain lake at sunset, detailed, realistic")
     image, _mask = g.add("LoadImage", 0, image=STROKE_IMAGE)
     (latent,) = g.add("VAEEncode", 1, pixels=image, vae=vae)
@@ -93,7 +94,7 @@ def sdedit_t0_search(info: dict) -> dict:
 
 
 def glide_inpaint(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode", "inpainting sampler", "sample", "decode and save"])
     g.note(
         "## GLIDE-style inpainting with an ordinary (non-inpainting) checkpoint\n\n"
         "Nichol et al., *GLIDE*, 2022: every step, the known region is replaced by the photo noised to\n"
@@ -102,7 +103,7 @@ def glide_inpaint(info: dict) -> dict:
         "this when seams show. For dedicated inpainting checkpoints use ComfyUI's InpaintModelConditioning.\n\n"
         "* Mask: LoadImage's alpha (transparent = regenerate). Flip *mask_convention* for GLIDE masks.\n"
         "* Works with any sampler from KSamplerSelect.",
-        column=0, width=460)
+        width=460)
     model, clip, vae, pos, neg = _base(g, "a wooden cabin by the lake")
     image, mask = g.add("LoadImage", 0, image=PHOTO_IMAGE)
     (latent,) = g.add("VAEEncode", 1, pixels=image, vae=vae)

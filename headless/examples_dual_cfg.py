@@ -29,7 +29,7 @@ def _ip2p_inputs(g: Graph, column: int = 0):
 
 
 def ip2p_edit(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode (three levels)", "dual CFG guidance", "sample", "decode and save"])
     g.note(
         "## InstructPix2Pix: edit a photo with an instruction\n\n"
         "Brooks et al., *InstructPix2Pix*, CVPR 2023. Three predictions per step - neither condition,\n"
@@ -42,7 +42,7 @@ def ip2p_edit(info: dict) -> dict:
         "* **schedule**: move both scales from start to end over the run (e.g. s_T 9 -> 5).\n"
         "* **rescale** 0.5-0.7 tames over-saturated colours at high s_T.\n"
         "* Sampler: the reference uses Euler ancestral; any sampler works.",
-        column=0, width=480)
+        width=480)
     model, vae, both, image_only, neither, latent = _ip2p_inputs(g)
     (guider,) = g.add("EditLabDualCFGCombiner", 2, model=model, both=both, base_only=image_only, neither=neither,
                       extra_scale=7.5, base_scale=1.5)
@@ -50,14 +50,15 @@ def ip2p_edit(info: dict) -> dict:
     (sigmas,) = g.add("BasicScheduler", 2, model=model, scheduler="normal", steps=30, denoise=1.0)
     (noise,) = g.add("RandomNoise", 2)
     out, decoded = g.sample_decode(3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                                   latent=latent, vae=vae, prefix="editlab_ip2p")
+                                   latent=latent, vae=vae, prefix="editlab_ip2p", decode_column=4)
     return g.to_json()
 
 
 def ip2p_scale_sweep(info: dict) -> dict:
-    g = Graph(info)
     image_scales = (1.0, 1.5, 2.0)
     text_scales = (3.0, 7.5, 12.0)
+    g = Graph(info, stages=["load", "encode (three levels)", "sampling settings"]
+              + [f"row s_I = {s_i}: s_T {', '.join(map(str, text_scales))}" for s_i in image_scales for _ in range(3)])
     g.note(
         "## InstructPix2Pix: scale sweep (s_I x s_T)\n\n"
         "The same photo, instruction and seed, sampled for every pair of image scale s_I (rows:\n"
@@ -66,7 +67,7 @@ def ip2p_scale_sweep(info: dict) -> dict:
         "Read it like the paper's Fig. 4: down the rows the result stays closer to the photo; along a\n"
         "row the edit gets stronger. Pick the pair you like and use it in the edit workflow.\n\n"
         + _SCALES_NOTE,
-        column=0, width=480)
+        width=480)
     model, vae, both, image_only, neither, latent = _ip2p_inputs(g)
     (sampler,) = g.add("KSamplerSelect", 2, sampler_name="euler_ancestral")
     (sigmas,) = g.add("BasicScheduler", 2, model=model, scheduler="normal", steps=20, denoise=1.0)
@@ -89,7 +90,7 @@ def ip2p_scale_sweep(info: dict) -> dict:
 
 
 def extra_condition_balance(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode prompts", "dual CFG guidance", "sample", "decode and save"])
     g.note(
         "## Dual CFG beyond InstructPix2Pix: a prompt vs an extra condition\n\n"
         "The Dual CFG Combiner balances any *with / without an extra condition* pair with its own\n"
@@ -103,7 +104,7 @@ def extra_condition_balance(info: dict) -> dict:
         "  base_only = the same conditioning without it. (Subject-vs-text balance with the subject\n"
         "  encoder is the same wiring: both = text + subject, base_only = text only.)\n"
         "* Any checkpoint (SD1.x / SDXL); any sampler.",
-        column=0, width=480)
+        width=480)
     model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SD15_CHECKPOINT)
     image, _mask = g.add("LoadImage", 0, image=PHOTO_IMAGE)
     (prompt,) = g.add("CLIPTextEncode", 1, title="Base: prompt", text="a photo of a house by a lake", clip=clip)
@@ -118,7 +119,8 @@ def extra_condition_balance(info: dict) -> dict:
     (sigmas,) = g.add("BasicScheduler", 3, model=model, scheduler="normal", steps=20, denoise=0.75)
     (noise,) = g.add("RandomNoise", 3)
     out, decoded = g.sample_decode(3, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                                   latent=latent, vae=vae, prefix="editlab_dual_cfg_extra_condition")
+                                   latent=latent, vae=vae, prefix="editlab_dual_cfg_extra_condition",
+                                   decode_column=4)
     return g.to_json()
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from .builder import Graph
 from .examples import CHECKPOINT, PHOTO_IMAGE
 
-SAVED_INVERSION = "output/inversion_00001.safetensors"  # the first file 'Invert once and save' writes
+MODES = ("plain", "null-text", "negative-prompt", "direct")
+SAVED_INVERSION = "output/inversion.safetensors"  # the fixed name 'Invert once and save' writes every run
 
 
 def _invert(g: Graph, source: str, steps: int = 50):
@@ -28,7 +29,7 @@ def _replay(g: Graph, column: int, model, inv, positive, negative, noise, sigmas
 
 
 def invert_and_reconstruct(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode", "invert"] + [f"replay: {m}" for m in MODES])
     g.note(
         "## Invert a photo and reconstruct it four ways\n\n"
         "DDIM inversion (50 steps, guidance 1) gives the pivot trajectory. Replaying it with CFG 7.5 drifts\n"
@@ -37,12 +38,12 @@ def invert_and_reconstruct(info: dict) -> dict:
         "negative, no optimisation; **direct** inversion (Ju et al. 2024) snaps the source row back onto the\n"
         "pivot every step and reconstructs exactly. Each branch reports its latent PSNR.\n\n"
         "* Use the same checkpoint for inversion and editing.\n"
-        "* The sampler must be single-evaluation (euler / ddim) on DDIM Invert's SIGMAS.",
-        column=0, width=520)
+        "* The sampler must be single-evaluation (euler / ddim) on DDIM Invert's SIGMAS, or on a tail of\n"
+        "  them (SplitSigmas' low half): the guider then starts from the inversion's latent at that level.",
+        width=520)
     model, clip, vae, image, latent, src, empty, inv, noise, sigmas = _invert(g, "a photo of a lake with a boat")
     (tuned,) = g.add("EditLabNullTextOptimize", 2, model=model, inversion=inv, negative=empty)
-    for col, (mode, which) in enumerate([("plain", inv), ("null-text", tuned), ("negative-prompt", inv),
-                                         ("direct", inv)], start=3):
+    for col, (mode, which) in enumerate(zip(MODES, (inv, tuned, inv, inv)), start=3):
         out, decoded = _replay(g, col, model, which, src, empty, noise, sigmas, vae, mode, mode)
         g.add("EditLabReconstructionPSNR", col, title=f"PSNR: {mode}", reconstruction_latent=out,
               original_latent=latent)
@@ -51,13 +52,16 @@ def invert_and_reconstruct(info: dict) -> dict:
 
 
 def invert_once_and_save(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode", "invert", "save"])
     g.note(
         "## Invert once, save, reuse\n\n"
         "Null-text inversion is the slow part (one optimisation per step). Save the result: every later edit\n"
         "loads it in a second (see *Inversion - load a saved inversion, two edits*). Files go to\n"
-        "`output/inversions/`; copy them to `input/inversions/` to share them.",
-        column=0, width=460)
+        "`output/inversions/`; copy them to `input/inversions/` to share them.\n\n"
+        "* Save Inversion's **naming** is *fixed*: `output/inversions/inversion.safetensors`, replaced on\n"
+        "  every run, so the load workflow always finds it. Choose *numbered* to keep every run\n"
+        "  (`inversion_00001`, `inversion_00002`, ...), or change the prefix per photo.",
+        width=460)
     model, clip, vae, image, latent, src, empty, inv, noise, sigmas = _invert(g, "a photo of a lake with a boat")
     (tuned,) = g.add("EditLabNullTextOptimize", 2, model=model, inversion=inv, negative=empty)
     (name,) = g.add("EditLabSaveInversion", 3, inversion=tuned, filename_prefix="inversion",
@@ -67,14 +71,15 @@ def invert_once_and_save(info: dict) -> dict:
 
 
 def load_and_edit_twice(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "prompts", "edit 1", "edit 2"])
     g.note(
         "## Load a saved inversion and run two edits\n\n"
-        f"Pick a file saved by *Inversion - invert once and save* (`{SAVED_INVERSION}` here). Each edit is a\n"
+        f"Pick the file saved by *Inversion - invert once and save* (`{SAVED_INVERSION}` here: Save\n"
+        "Inversion's fixed name; with naming *numbered*, pick the newest number). Each edit is a\n"
         "new target prompt sampled from the inversion's noise with the optimised null embeddings: no\n"
         "recomputation. For edits that keep the layout exactly, add the Prompt-to-Prompt attention\n"
         "controller (see the Prompt-to-Prompt workflows).",
-        column=0, width=460)
+        width=460)
     model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=CHECKPOINT)
     inv, noise, sigmas = g.add("EditLabLoadInversion", 0, inversion=SAVED_INVERSION, model=model)
     (empty,) = g.add("CLIPTextEncode", 1, title="Empty prompt", text="", clip=clip)
@@ -95,9 +100,10 @@ EXAMPLES = {
 def _p2p_real_photo(info: dict, *, mode: str, note: str, prefix: str, blend_words: str,
                     self_replace_steps: float) -> dict:
     from .examples_p2p import p2p_graph
+    from .examples_subject import REAL_PHOTO_STAGES
 
-    g = Graph(info)
-    g.note(note, column=0, width=520)
+    g = Graph(info, stages=REAL_PHOTO_STAGES)
+    g.note(note, width=520)
     model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=CHECKPOINT)
     image, _mask = g.add("LoadImage", 0, image=PHOTO_IMAGE)
     (latent,) = g.add("VAEEncode", 1, pixels=image, vae=vae)

@@ -1,4 +1,4 @@
-"""Prompt-to-Prompt example workflows (METHODS.md §5), as code; see builder.py and examples.py.
+"""Prompt-to-Prompt example workflows (docs/methods.md §5), as code; see builder.py and examples.py.
 
 ``p2p_graph`` builds the shared part (prompt pair -> controller -> guider) so the real-image workflows
 (inversion guider instead of CFGGuider, inverted latent instead of the empty one) only swap the ends.
@@ -11,6 +11,7 @@ from .builder import Graph, Out
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 NEGATIVE = ""  # the paper samples with the empty prompt as the unconditional one
+STAGES = ["load", "encode prompts", "Prompt-to-Prompt control", "sample", "decode and save", "attention maps"]
 
 
 def p2p_graph(g: Graph, *, source: str, target: str, mode: str = "replace", reweight_words: str = "",
@@ -43,13 +44,13 @@ def generate(g: Graph, p: dict, *, prefix: str, steps: int = 50, cfg: float = 7.
     (out,) = g.add("KSampler", 3, model=p["model"], seed=seed, steps=steps, cfg=cfg, sampler_name="ddim",
                    scheduler="ddim_uniform", positive=p["positive"], negative=p["negative"], latent_image=latent,
                    denoise=1.0)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=p["vae"])
-    g.add("SaveImage", 3, images=decoded, filename_prefix=prefix)
+    (decoded,) = g.add("VAEDecode", 4, samples=out, vae=p["vae"])
+    g.add("SaveImage", 4, images=decoded, filename_prefix=prefix)
     return out
 
 
 def p2p_word_swap(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=STAGES)
     g.note(
         "## Prompt-to-Prompt: word swap on a generated image\n\n"
         "Hertz et al., *Prompt-to-Prompt Image Editing with Cross-Attention Control*, ICLR 2023.\n"
@@ -62,7 +63,7 @@ def p2p_word_swap(info: dict) -> dict:
         "* **blend_words** `cat, dog`: local blend, only the animal may change; clear it to edit globally.\n"
         "* Any sampler works; with local blend, deterministic samplers (ddim, euler) keep the outside\n"
         "  exactly like the source at every step.",
-        column=0, width=460)
+        width=460)
     p = p2p_graph(g, source="a photo of a cat riding a bicycle", target="a photo of a dog riding a bicycle",
                   blend_words="cat, dog", start_blend=0.0)
     generate(g, p, prefix="editlab_p2p_word_swap")
@@ -70,7 +71,7 @@ def p2p_word_swap(info: dict) -> dict:
 
 
 def p2p_refine_reweight(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=STAGES)
     g.note(
         "## Prompt-to-Prompt: refine + reweight\n\n"
         "**refine** adds words to the prompt: tokens are aligned globally and the new words attend\n"
@@ -78,7 +79,7 @@ def p2p_refine_reweight(info: dict) -> dict:
         "(here `snowy:3`: more snow); a negative factor removes a concept.\n\n"
         "* PIE-Bench settings for refine: cross 0.4 / self 0.6; the notebook uses 0.8 / 0.4.\n"
         "* **cross_replace_words** (`word:fraction`) lets one word follow the source for longer or shorter.",
-        column=0, width=460)
+        width=460)
     p = p2p_graph(g, source="a house on a mountain", target="a house on a snowy mountain at sunset", mode="refine",
                   reweight_words="snowy:3", cross_replace_steps=0.8, self_replace_steps=0.4)
     generate(g, p, prefix="editlab_p2p_refine_reweight")
@@ -86,18 +87,18 @@ def p2p_refine_reweight(info: dict) -> dict:
 
 
 def p2p_attention_maps(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=STAGES)
     g.note(
         "## Prompt-to-Prompt: what does each word control?\n\n"
         "The Attention Maps node shows the cross-attention of every word of the source (first image)\n"
         "and the target (second), averaged over heads, layers and steps at the controller's map_size\n"
         "(16x16 at 512 px). Bright = the word attends there. Use it to pick **blend_words** (a word\n"
         "whose map covers the object) and **reweight_words**.",
-        column=0, width=460)
+        width=460)
     p = p2p_graph(g, source="a photo of a cat riding a bicycle", target="a photo of a dog riding a bicycle")
     out = generate(g, p, prefix="editlab_p2p_maps_result")
-    (maps,) = g.add("EditLabAttentionMaps", 4, model=p["model"], samples=out, tile_size=128)
-    g.add("SaveImage", 4, images=maps, filename_prefix="editlab_p2p_attention_maps")
+    (maps,) = g.add("EditLabAttentionMaps", 5, model=p["model"], samples=out, tile_size=128)
+    g.add("SaveImage", 5, images=maps, filename_prefix="editlab_p2p_attention_maps")
     return g.to_json()
 
 

@@ -1,4 +1,4 @@
-"""Example workflows for BLIP-Diffusion subject-driven generation (METHODS.md §7).
+"""Example workflows for BLIP-Diffusion subject-driven generation (docs/methods.md §7).
 
 Merged into ``examples.EXAMPLES``; same style (see builder.py).
 """
@@ -14,6 +14,10 @@ SUBJECT_IMAGE = "editlab_photo.png"
 EDIT_PHOTO, EDIT_SUBJECT = "editlab_photo.png", "editlab_subject.png"
 STRUCTURE_IMAGE = "editlab_stroke.png"
 CONTROLNET = "control_v11p_sd15_canny.safetensors"
+STAGES = ["load", "encode subject", "subject prompt", "sample", "decode and save"]
+# The real-photo edit (shared end: examples_inversion.edit_rows_from_inversion, columns 3-5).
+REAL_PHOTO_STAGES = ["load", "encode", "invert and control", "edit (Inversion Guider)", "sample, decode and save",
+                     "attention maps"]
 NEGATIVE = ("over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped, worst quality, "
             "low quality, jpeg artifacts, morbid, mutilated, ugly, bad anatomy, bad proportions, deformed, blurry")
 
@@ -35,12 +39,12 @@ def _generate(g: Graph, model, positive, negative, vae, prefix: str) -> None:
     (latent,) = g.add("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
     (out,) = g.add("KSampler", 3, model=model, positive=positive, negative=negative, latent_image=latent,
                    seed=88888, steps=50, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    (decoded,) = g.add("VAEDecode", 3, samples=out, vae=vae)
-    g.add("SaveImage", 3, images=decoded, filename_prefix=prefix)
+    (decoded,) = g.add("VAEDecode", 4, samples=out, vae=vae)
+    g.add("SaveImage", 4, images=decoded, filename_prefix=prefix)
 
 
 def subject_zero_shot(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=STAGES)
     g.note(
         "## BLIP-Diffusion: zero-shot subject-driven generation\n\n"
         "Li et al., *BLIP-Diffusion*, NeurIPS 2023. One photo of a subject becomes 16 subject embeddings that\n"
@@ -54,14 +58,14 @@ def subject_zero_shot(info: dict) -> dict:
         "* **Subject Prompt**: 'a {class} {prompt}' x 20 cut to 61 tokens, subject after 'a'. Set\n"
         "  **target_class** to re-render the subject as another category. The report shows the budget.\n"
         "* Reference: 50 steps (PNDM; ddim/euler here), CFG 7.5, 512 x 512.",
-        column=0, width=480)
+        width=480)
     model, clip, vae, positive, negative = _subject_prompt(g)
     _generate(g, model, positive, negative, vae, "editlab_subject")
     return g.to_json()
 
 
 def subject_vs_text_balance(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode subject", "prompts", "dual CFG guidance", "sample", "decode and save"])
     g.note(
         "## Subject vs text: two scales with the Dual CFG Combiner\n\n"
         "BLIP-Diffusion's prompt carries the subject *and* the text. The Dual CFG Combiner separates them:\n"
@@ -69,7 +73,7 @@ def subject_vs_text_balance(info: dict) -> dict:
         "`base_scale` is then the text's guidance (7.5 as usual) and `extra_scale` the subject's: raise it\n"
         "for subject fidelity, lower it when the subject overrides the prompt (swimming, style, scene).\n"
         "The same pattern balances any 'with / without an extra condition' pair.",
-        column=0, width=480)
+        width=480)
     model, clip, vae, both, negative = _subject_prompt(g)
     (text_only,) = g.add("CLIPTextEncode", 2, title="Text only (same prompt, no subject)",
                          text="a dog swimming underwater", clip=clip)
@@ -80,12 +84,12 @@ def subject_vs_text_balance(info: dict) -> dict:
     (sampler,) = g.add("KSamplerSelect", 3, sampler_name="ddim")
     (sigmas,) = g.add("BasicScheduler", 3, model=model, scheduler="ddim_uniform", steps=50, denoise=1.0)
     out, decoded = g.sample_decode(4, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                                   latent=latent, vae=vae, prefix="editlab_subject_vs_text")
+                                   latent=latent, vae=vae, prefix="editlab_subject_vs_text", decode_column=5)
     return g.to_json()
 
 
 def subject_with_controlnet(info: dict) -> dict:
-    g = Graph(info)
+    g = Graph(info, stages=["load", "encode subject", "subject prompt + ControlNet", "sample", "decode and save"])
     g.note(
         "## Subject + structure: BLIP-Diffusion with a ControlNet\n\n"
         "The subject comes from the spliced subject embeddings; the layout comes from a ControlNet on the\n"
@@ -93,10 +97,10 @@ def subject_with_controlnet(info: dict) -> dict:
         f"* **Load ControlNet Model**: an SD1.5 ControlNet (`{CONTROLNET}` here).\n"
         "* **Load Image (structure)**: the control image, already preprocessed (e.g. canny edges).\n"
         "* **strength** 0.6-1.0: how strictly the structure is followed.",
-        column=0, width=480)
+        width=480)
     model, clip, vae, positive, negative = _subject_prompt(g)
-    (control,) = g.add("ControlNetLoader", 1, control_net_name=CONTROLNET)
-    structure, _m = g.add("LoadImage", 1, title="Load Image (structure)", image=STRUCTURE_IMAGE)
+    (control,) = g.add("ControlNetLoader", 0, control_net_name=CONTROLNET)
+    structure, _m = g.add("LoadImage", 0, title="Load Image (structure)", image=STRUCTURE_IMAGE)
     c_pos, c_neg = g.add("ControlNetApplyAdvanced", 2, positive=positive, negative=negative, control_net=control,
                          image=structure, strength=0.8, start_percent=0.0, end_percent=1.0, vae=vae)
     _generate(g, model, c_pos, c_neg, vae, "editlab_subject_controlnet")
@@ -106,7 +110,7 @@ def subject_with_controlnet(info: dict) -> dict:
 def subject_edit_real_photo(info: dict) -> dict:
     from .examples_inversion import edit_rows_from_inversion  # lazy: at module level it cycles via examples.py
 
-    g = Graph(info)
+    g = Graph(info, stages=REAL_PHOTO_STAGES)
     g.note(
         "## Subject-driven editing of a real photo (BLIP-Diffusion + inversion + Prompt-to-Prompt)\n\n"
         "Replace the dog in *your photo* with *your* dog (or any subject): the photo is DDIM-inverted with its\n"
@@ -119,7 +123,7 @@ def subject_edit_real_photo(info: dict) -> dict:
         "* **Inversion Guider**: `direct` (exact source, no optimisation: seconds); `null-text` after a\n"
         "  Null-Text Optimize node; `plain` is the reference's plain DDIM inversion (drifts at CFG 7.5).\n"
         "* Invert with the *plain* model, sample with the controlled one; euler on DDIM Invert's SIGMAS.",
-        column=0, width=520)
+        width=520)
     model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SUBJECT_CHECKPOINT)
     photo, _mask = g.add("LoadImage", 0, title="Load Image (photo to edit)", image=EDIT_PHOTO)
     subject_image, _m2 = g.add("LoadImage", 0, title="Load Image (subject)", image=EDIT_SUBJECT)

@@ -1,6 +1,10 @@
 """Run a ComfyUI workflow headless, in-process, on ComfyUI's own validator and executor.
 
-    python -m <pack dir> run WORKFLOW.json --comfyui PATH [--set node.input=value ...] [--out DIR]
+    python -m editlab run WORKFLOW.json --comfyui PATH [--set NODE.INPUT=VALUE ...] [--out DIR]
+
+(from the folder that holds the pack, e.g. ``ComfyUI/custom_nodes``, or from inside the pack; a relative
+WORKFLOW path that does not exist from the working directory is looked up in the pack, so
+``workflows/<name>.json`` works from both.)
 
 Loads ComfyUI from PATH (its built-in nodes plus this pack, or the ``custom_nodes`` folder with
 ``--all-custom-nodes``), converts the UI-format workflow to API format with the loaded node
@@ -12,20 +16,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from .convert import WorkflowError, apply_overrides, convert
+from ..errors import EditLabError
+from .convert import apply_overrides, convert
+from . import batch as _batch  # `editlab batch`; imports neither ComfyUI nor Ray
+from ..metrics import scorer as _scorer  # `editlab score`; imports torch only when it runs
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_MESSAGES = 1000  # executor notifications kept per run (progress events of one run stay far below this)
 
 
-class RunError(RuntimeError):
+class RunError(EditLabError):
     """A workflow failed to validate or execute; the message is one line for the user."""
 
 
@@ -51,7 +61,8 @@ class _Server:
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
-        self.messages: list[tuple[str, Any]] = []
+        # The last notifications of the current run; cleared by every run_prompt, bounded within one.
+        self.messages: collections.deque[tuple[str, Any]] = collections.deque(maxlen=MAX_MESSAGES)
         self.verbose = verbose
 
     def send_sync(self, event, data, sid=None):
@@ -67,8 +78,10 @@ class _Server:
 _BOOTED: dict[str, Any] = {}
 
 
-def boot(comfyui_path: str, *, all_custom_nodes: bool = False, quiet: bool = True) -> Any:
-    """Import ComfyUI from ``comfyui_path`` in this process and load its nodes and this pack (once)."""
+def boot(comfyui_path: str, *, all_custom_nodes: bool = False, quiet: bool = True,
+         base_directory: Optional[str] = None) -> Any:
+    """Import ComfyUI from ``comfyui_path`` in this process and load its nodes and this pack (once).
+    ``base_directory``: ComfyUI's ``--base-directory`` (models, input, output folders; default the checkout)."""
     comfyui_path = os.path.abspath(comfyui_path)
     if _BOOTED.get("path") == comfyui_path:
         return _BOOTED["nodes"]
@@ -86,6 +99,10 @@ def boot(comfyui_path: str, *, all_custom_nodes: bool = False, quiet: bool = Tru
     import torch
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
+    if base_directory:
+        if not os.path.isdir(base_directory):
+            raise RunError(f"--base-directory {base_directory} is not a folder")
+        comfy.cli_args.args.base_directory = os.path.abspath(base_directory)  # read by folder_paths on import
     import comfy.utils
     import comfy.model_management
     import nodes
@@ -118,9 +135,20 @@ def definitions() -> dict[str, dict]:
     return {name: cls.INPUT_TYPES() for name, cls in nodes.NODE_CLASS_MAPPINGS.items()}
 
 
+def display_names() -> dict[str, str]:
+    """The names the UI shows for node classes (e.g. EditLabSDEPerturb -> 'SDE Perturb (SDEdit)')."""
+    nodes = _BOOTED["nodes"]
+    names = dict(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if name not in names and hasattr(cls, "GET_NODE_INFO_V1"):
+            names[name] = cls.GET_NODE_INFO_V1().get("display_name") or name
+    return names
+
+
 def object_info() -> dict[str, dict]:
     """What ComfyUI's ``/object_info`` reports for every loaded node (inputs, outputs, names)."""
     nodes = _BOOTED["nodes"]
+    shown = display_names()
     info = {}
     for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
         if hasattr(cls, "GET_NODE_INFO_V1"):
@@ -130,6 +158,7 @@ def object_info() -> dict[str, dict]:
         info[name] = {
             "input": cls.INPUT_TYPES(), "output": outputs,
             "output_name": list(getattr(cls, "RETURN_NAMES", None) or outputs), "name": name,
+            "display_name": shown.get(name, name), "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
             "description": getattr(cls, "DESCRIPTION", ""), "category": getattr(cls, "CATEGORY", "sd"),
         }
     return info
@@ -153,7 +182,19 @@ def build_workflows(folder: str) -> list[str]:
     return written
 
 
+def find_workflow(path: str) -> str:
+    """``path`` as given (absolute, or relative to the working directory), else relative to the pack: the
+    shipped ``workflows/<name>.json`` are found from ``custom_nodes`` and from inside the pack alike."""
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    in_pack = os.path.join(PACK_DIR, path)
+    if os.path.isfile(in_pack):
+        return in_pack
+    raise RunError(f"workflow file not found: {path} (looked in {os.getcwd()} and in the pack, {PACK_DIR})")
+
+
 def load_workflow(path: str) -> dict:
+    path = find_workflow(path)
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
@@ -161,6 +202,16 @@ def load_workflow(path: str) -> dict:
         raise RunError(f"workflow file not found: {path}") from exc
     except json.JSONDecodeError as exc:
         raise RunError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def pack_relative(text: str) -> str:
+    """ComfyUI names a custom node pack's modules after the pack's absolute path
+    (``/x/custom_nodes/editlab.errors.EditLabError``): shorten those names to the pack folder's name
+    (``editlab.errors.EditLabError``) so an error line reads the same on every machine."""
+    for name in sorted((m for m in list(sys.modules) if "/" in m or "\\" in m), key=len, reverse=True):
+        if name + "." in text:
+            text = text.replace(name + ".", re.split(r"[\\/]", name)[-1] + ".")
+    return text
 
 
 MODEL_INPUT_FOLDERS = {"ckpt_name": "checkpoints", "lora_name": "loras", "control_net_name": "controlnet",
@@ -190,7 +241,7 @@ def _format_validation(error: dict, node_errors: dict, prompt: dict) -> str:
             name = (err.get("extra_info") or {}).get("input_name", "")
             extra = _searched(name) if err.get("type") == "value_not_in_list" else ""
             parts.append(f"node #{nid} {ctype}: {err.get('message')}: {err.get('details')}{extra}")
-    return "; ".join(p for p in parts if p)
+    return pack_relative("; ".join(p for p in parts if p))
 
 
 def new_executor():
@@ -214,12 +265,13 @@ def run_prompt(prompt: dict, *, output_dir: Optional[str] = None, executor=None)
     if not valid:
         raise RunError("invalid workflow: " + _format_validation(error, node_errors, prompt))
     executor = executor or new_executor()
+    executor.server.messages.clear()  # a kept executor serves many runs: keep only this run's notifications
     executor.execute(prompt, prompt_id, {}, outputs)
     if not executor.success:
         for event, data in executor.status_messages:
             if event == "execution_error":
-                raise RunError(f"node #{data['node_id']} {data['node_type']} failed: "
-                               f"{data['exception_type']}: {str(data['exception_message']).strip()}")
+                raise RunError(pack_relative(f"node #{data['node_id']} {data['node_type']} failed: "
+                                             f"{data['exception_type']}: {str(data['exception_message']).strip()}"))
             if event == "execution_interrupted":
                 raise RunError(f"interrupted at node #{data['node_id']} {data['node_type']}")
         raise RunError("execution failed (no error message was reported)")
@@ -233,50 +285,86 @@ def run_prompt(prompt: dict, *, output_dir: Optional[str] = None, executor=None)
 
 
 def run_workflow(workflow: dict | str, *, comfyui_path: Optional[str] = None, overrides: Iterable[str] = (),
-                 output_dir: Optional[str] = None) -> RunResult:
+                 output_dir: Optional[str] = None, base_directory: Optional[str] = None) -> RunResult:
     """Boot ComfyUI if needed, convert a UI workflow (dict or path), apply overrides, run it."""
     path = comfyui_path or os.environ.get("COMFYUI_PATH")
     if not path:
         raise RunError("ComfyUI's location is unknown: pass --comfyui PATH or set COMFYUI_PATH")
-    boot(path)
+    boot(path, base_directory=base_directory)
     wf = load_workflow(workflow) if isinstance(workflow, str) else workflow
-    try:
-        prompt = apply_overrides(convert(wf, definitions()), overrides)
-    except WorkflowError as exc:
-        raise RunError(str(exc)) from exc
+    defs, names = definitions(), display_names()
+    prompt = apply_overrides(convert(wf, defs, names), overrides, defs, names)
     return run_prompt(prompt, output_dir=output_dir)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="editlab", description="Run an EditLab/ComfyUI workflow headless.")
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.print_prompt:
+        boot(args.comfyui or "", base_directory=args.base_directory)
+        _out(json.dumps(convert(load_workflow(args.workflow), definitions(), display_names()), indent=1))
+        return 0
+    result = run_workflow(args.workflow, comfyui_path=args.comfyui, overrides=args.overrides, output_dir=args.out,
+                          base_directory=args.base_directory)
+    for image in result.images:
+        _out(image)
+    return 0
+
+
+def _add_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workflow", help="workflow .json (as saved by ComfyUI, or API format); a relative path "
+                                         "is looked up in the working directory, then in the pack")
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
+                        help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                        help="override an input; NODE is a node id, the title the UI shows or a class type only one "
+                             "node has; VALUE is JSON or text")
+    parser.add_argument("--out", default=None, help="output folder (default: ComfyUI's output folder)")
+    parser.add_argument("--base-directory", default=None, metavar="DIR",
+                        help="as ComfyUI's --base-directory: the folder holding models/, input/, output/ "
+                             "(default: the ComfyUI checkout)")
+    parser.add_argument("--print-prompt", action="store_true", help="print the API-format prompt and exit")
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    boot(args.comfyui or "")
+    for path in build_workflows(args.folder):
+        _out(path)
+    return 0
+
+
+def _add_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    parser.add_argument("--folder", default=os.path.join(PACK_DIR, "workflows"))
+
+
+# Subcommands: name -> (help, add its arguments, run it -> exit code). A new subcommand is one entry here.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "run": ("run a UI- or API-format workflow JSON", _add_run, _cmd_run),
+    "build-workflows": ("regenerate workflows/*.json from headless/examples.py", _add_build, _cmd_build),
+    "batch": ("run a workflow over a dataset, resumable (headless/batch.py)", _batch.build_parser, _batch.run_args),
+    "score": ("score existing images with the metric set, resumable (metrics/scorer.py)", _scorer.add_arguments, _scorer.run_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="editlab", description="Run EditLab/ComfyUI workflows headless.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a UI- or API-format workflow JSON")
-    run.add_argument("workflow", help="workflow .json (as saved by ComfyUI)")
-    run.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default: $COMFYUI_PATH)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
-                     help="override an input; NODE is a node id, title or unique class type; VALUE is JSON or text")
-    run.add_argument("--out", default=None, help="output folder (default: ComfyUI's output folder)")
-    run.add_argument("--print-prompt", action="store_true", help="print the API-format prompt and exit")
-    build = sub.add_parser("build-workflows", help="regenerate workflows/*.json from headless/examples.py")
-    build.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
-    build.add_argument("--folder", default=os.path.join(PACK_DIR, "workflows"))
-    args = parser.parse_args(argv)
+    for name, (help_text, add_arguments, handler) in SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     # The CLI reports every failure as one line of its own; ComfyUI's log lines would repeat it.
     logging.getLogger().setLevel(logging.CRITICAL)
     try:
-        if args.command == "build-workflows":
-            boot(args.comfyui or "")
-            for path in build_workflows(args.folder):
-                print(path)
-            return 0
-        if args.print_prompt:
-            boot(args.comfyui or "")
-            print(json.dumps(convert(load_workflow(args.workflow), definitions()), indent=1))
-            return 0
-        result = run_workflow(args.workflow, comfyui_path=args.comfyui, overrides=args.overrides, output_dir=args.out)
-    except (RunError, WorkflowError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return args.handler(args)
+    except EditLabError as exc:
+        sys.stderr.write(f"error: {pack_relative(str(exc))}\n")
         return 2
-    for image in result.images:
-        print(image)
-    return 0

@@ -12,10 +12,12 @@ from . import inversion, sdedit
 from . import dual_cfg
 from . import p2p
 from . import subject
+from . import dreambooth
+from . import metrics
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*sdedit.NODES, *inversion.NODES, *dual_cfg.NODES, *p2p.NODES, *subject.NODES]
+    return [*sdedit.NODES, *inversion.NODES, *dual_cfg.NODES, *p2p.NODES, *subject.NODES, *dreambooth.NODES, *metrics.NODES]
 
 
 class EditLabExtension(ComfyExtension):

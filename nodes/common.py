@@ -17,7 +17,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..errors import EditLabError
-from ..samplers.sdedit import SDEditInputError, check_t0, tail_schedule
+from ..samplers.sdedit import check_t0, tail_schedule
 
 CATEGORY = "EditLab"
 
@@ -110,16 +110,12 @@ def sdedit_sigmas(model, t0: float, steps: int, scheduler: str) -> torch.Tensor:
     """The SIGMAS tail from sigma(t0) to 0 with ``steps`` steps of ``scheduler``."""
     if steps < 1:
         raise EditLabError(f"steps must be at least 1, got {steps}")
-    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
-        raise EditLabError(f"unknown scheduler {scheduler!r}; choose one of {comfy.samplers.SCHEDULER_NAMES}")
+    check_choice(scheduler, comfy.samplers.SCHEDULER_NAMES, "scheduler")
     ms = model_sampling(model)
-    try:
-        sigma0 = t0_to_sigma(ms, t0)
-        total = max(steps, int(math.ceil(steps / check_t0(t0))))
-        full = comfy.samplers.calculate_sigmas(ms, scheduler, total).cpu()
-        return tail_schedule(full, sigma0, steps)
-    except SDEditInputError as exc:
-        raise user_error(exc) from exc
+    sigma0 = t0_to_sigma(ms, t0)
+    total = max(steps, int(math.ceil(steps / check_t0(t0))))
+    full = comfy.samplers.calculate_sigmas(ms, scheduler, total).cpu()
+    return tail_schedule(full, sigma0, steps)
 
 
 def noise_for(latent: dict, seed: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""InstructPix2Pix encoding and the Dual CFG Combiner (METHODS.md §6).
+"""InstructPix2Pix encoding and the Dual CFG Combiner (docs/methods.md §6).
 
 - ``EditLabInstructPix2PixEncode``: CLIP + VAE + IMAGE + instruction -> the three condition levels
   (both = image + instruction, image only = image + negative text, neither = zero image + negative text)
@@ -20,12 +20,13 @@ import comfy.utils
 import node_helpers
 from comfy_api.latest import io
 
-from ..guidance.dual_cfg import SHAPES, DualCFG, DualCFGInputError, ScaleSchedule, step_fraction
-from .common import CATEGORY, EditLabError, EditLabNode, is_k_space, model_sampling, user_error
+from ..guidance.dual_cfg import SHAPES, DualCFG, ScaleSchedule, step_fraction
+from .common import CATEGORY, EditLabError, EditLabNode, check_choice, is_k_space, model_sampling
 
 DUAL_CFG_CATEGORY = f"{CATEGORY}/Dual CFG"
 IMAGE_KEY = "concat_latent_image"
 IP2P_MODEL_TYPES = "SD15_instructpix2pix or SDXL_instructpix2pix"
+SIZE_FITS = ("crop", "resize")
 
 
 # -- InstructPix2Pix Encode ---------------------------------------------------------------------
@@ -38,6 +39,7 @@ def fit_to_multiple(pixels: torch.Tensor, factor: int, fit: str) -> torch.Tensor
     to the largest multiple (Lanczos), as diffusers' image processor does: nothing is cut off, the aspect
     changes by less than one factor.
     """
+    check_choice(fit, SIZE_FITS, "size_fit")  # checked first: an exact-size image must not hide a bad value
     h, w = int(pixels.shape[1]), int(pixels.shape[2])
     if h < factor or w < factor:
         raise EditLabError(f"the image is {w}x{h} px; the model needs at least {factor} px per side "
@@ -48,9 +50,7 @@ def fit_to_multiple(pixels: torch.Tensor, factor: int, fit: str) -> torch.Tensor
     if fit == "crop":
         top, left = (h - th) // 2, (w - tw) // 2
         return pixels[:, top:top + th, left:left + tw, :]
-    if fit == "resize":
-        return comfy.utils.common_upscale(pixels.movedim(-1, 1), tw, th, "lanczos", "disabled").movedim(1, -1)
-    raise EditLabError(f"unknown size fit {fit!r}; choose 'crop' or 'resize'")
+    return comfy.utils.common_upscale(pixels.movedim(-1, 1), tw, th, "lanczos", "disabled").movedim(1, -1)
 
 
 def encode_text(clip, text: str) -> list:
@@ -82,7 +82,7 @@ class InstructPix2PixEncode(EditLabNode):
                 io.String.Input("negative", multiline=True, default="",
                                 tooltip="Text of the 'no text' levels (image only, neither). Empty = the "
                                         "paper's unconditional prompt; a negative prompt works too."),
-                io.Combo.Input("size_fit", options=["crop", "resize"], default="crop",
+                io.Combo.Input("size_fit", options=list(SIZE_FITS), default="crop",
                                tooltip="When a side is not a multiple of 8 px: crop = centre-crop the few "
                                        "extra pixels (ComfyUI's convention, no resampling); resize = scale "
                                        "the whole image down to the multiple (diffusers' convention)."),
@@ -120,6 +120,12 @@ class DualCFGCombinerGuider(comfy.samplers.CFGGuider):
     The conditions are stored as ``positive`` (both), ``negative`` (neither) and ``base_only``, and are
     passed to ``calc_cond_batch`` in that order, so attention patches see ``cond_or_uncond`` 0 for the
     fully conditioned rows and 1 for the unconditioned rows, as with ordinary CFG (2 = base only).
+
+    Model patches are honoured as ComfyUI's own ``sampling_function`` / ``cfg_function`` do: pre-CFG
+    functions (APG, TCFG, FreSca, ...) get the three predictions in that order (``conds_out`` = [both,
+    neither, base_only], ``cond_scale`` = s_T, as ComfyUI's PerpNeg guider passes its three) before they
+    are combined; post-CFG functions get the combined result. A two-way CFG replacement cannot combine
+    three predictions and is refused by the node.
     """
 
     def __init__(self, model_patcher, combiner: DualCFG):
@@ -133,20 +139,26 @@ class DualCFGCombinerGuider(comfy.samplers.CFGGuider):
         sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
         fraction = step_fraction(float(timestep.flatten()[0]), sample_sigmas)
         need_base, need_neither = self.combiner.needs(fraction)
-        if model_options.get("disable_cfg1_optimization", False):
+        pre_cfg = model_options.get("sampler_pre_cfg_function", [])
+        # A pre-CFG function may change any prediction, so the scale-1 cancellations no longer hold.
+        if model_options.get("disable_cfg1_optimization", False) or pre_cfg:
             need_base = need_neither = True
+        extra_scale, _ = self.combiner.scales_at(fraction)
         both_c = self.conds.get("positive")
         neither_c = self.conds.get("negative") if need_neither else None
         base_c = self.conds.get("base_only") if need_base else None
+        conds = [both_c, neither_c, base_c]
         # One call: ComfyUI batches all three into one forward pass when memory allows, else splits.
-        both, neither, base_only = comfy.samplers.calc_cond_batch(
-            self.inner_model, [both_c, neither_c, base_c], x, timestep, model_options)
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        for fn in pre_cfg:
+            out = fn({"conds": conds, "conds_out": out, "cond_scale": extra_scale, "timestep": timestep,
+                      "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        both, neither, base_only = out[:3]
         if base_c is None:
             base_only = both  # extra_scale = base_scale = 1: the terms cancel exactly
         if neither_c is None:
             neither = base_only  # base_scale = 1: the term cancels exactly
         out = self.combiner.combine(x, timestep, both, base_only, neither, fraction)
-        extra_scale, _ = self.combiner.scales_at(fraction)
         for fn in model_options.get("sampler_post_cfg_function", []):
             out = fn({"denoised": out, "cond": both_c, "uncond": self.conds.get("negative"),
                       "cond_scale": extra_scale, "model": self.inner_model, "uncond_denoised": neither,
@@ -194,7 +206,7 @@ class DualCFGCombiner(EditLabNode):
                         "Adds per-step scale schedules and guidance rescale (Lin et al. 2024). Use with "
                         "SamplerCustomAdvanced and any sampler.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to guide: an InstructPix2Pix model for image + instruction levels, any model for a prompt + extra condition pair."),
                 io.Conditioning.Input("both", tooltip="Base + extra condition. IP2P: image + instruction "
                                                       "('both' of InstructPix2Pix Encode)."),
                 io.Conditioning.Input("base_only", tooltip="Base condition only. IP2P: image + empty/negative text "
@@ -241,11 +253,9 @@ class DualCFGCombiner(EditLabNode):
                             ("extra_scale_end", extra_scale_end), ("base_scale_end", base_scale_end)):
             if not math.isfinite(float(value)):
                 raise EditLabError(f"{name} must be a finite number, got {value}")
-        try:
-            combiner = DualCFG(ScaleSchedule(extra_scale, extra_scale_end, schedule),
-                               ScaleSchedule(base_scale, base_scale_end, schedule), rescale=float(rescale))
-        except DualCFGInputError as exc:
-            raise user_error(exc) from exc
+        check_choice(schedule, SHAPES, "schedule")
+        combiner = DualCFG(ScaleSchedule(extra_scale, extra_scale_end, schedule),
+                           ScaleSchedule(base_scale, base_scale_end, schedule), rescale=float(rescale))
         guider = DualCFGCombinerGuider(model, combiner)
         guider.set_conds(both, base_only, neither)
         return io.NodeOutput(guider)

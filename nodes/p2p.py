@@ -1,16 +1,17 @@
-"""Prompt-to-Prompt nodes (METHODS.md §5; Hertz et al., ICLR 2023).
+"""Prompt-to-Prompt nodes (docs/methods.md §5; Hertz et al., ICLR 2023).
 
 - ``EditLabPromptPairEncode``: CLIP + source + target prompt(s) -> CONDITIONING batch [source, target, ...]
   and an edit spec (``EDITLAB_P2P_EDIT``) with the word/token maps.
 - ``EditLabP2PLatentBatch``: repeats a latent to the edit's rows with one shared noise draw.
 - ``EditLabAttentionController``: MODEL + edit -> a clone whose attention is controlled (word swap,
   refine, reweight, self-attention replacement, local blend) under *any* sampler and guider.
-- ``EditLabAttentionMaps``: IMAGE of the per-word cross-attention maps of the last controlled run.
+- ``EditLabAttentionMaps``: IMAGE of the per-word cross-attention maps of the run that made a LATENT.
 
-The maths lives in ``guidance/p2p.py`` / ``guidance/tokens.py``; this module only wires it into
-ComfyUI: attention-replace patches on every transformer block (enumerated from the UNet) and three
-ModelPatcher wrappers (``OUTER_SAMPLE``: reset and check per run; ``APPLY_MODEL``: the step index from
-the sampler's sigmas; ``PREDICT_NOISE``: local blend on the guider's denoised prediction).
+The maths lives in ``guidance/p2p.py`` / ``guidance/tokens.py`` (CLIP token helpers: ``clip_tokens.py``);
+this module only wires it into ComfyUI: attention-replace patches on every transformer block (enumerated
+from the UNet), which read the step from their own options (``sigmas``, ``sample_sigmas``), and two
+ModelPatcher wrappers (``OUTER_SAMPLE``: check the batch and give each sampling run its own state;
+``PREDICT_NOISE``: local blend on the guider's denoised prediction).
 """
 from __future__ import annotations
 
@@ -28,65 +29,18 @@ from ..guidance.p2p import (
     ControlSettings,
     EditSpec,
     P2PController,
-    P2PInputError,
+    P2PRun,
+    Step,
     build_edit_spec,
     parse_word_values,
+    step_of,
 )
-from .common import CATEGORY, EditLabError, EditLabNode, latent_samples, user_error
+from .clip_tokens import encode_rows, plain_prompt_tokens, sd_tokenizer, word_tokenizer
+from .common import CATEGORY, EditLabError, EditLabNode, latent_samples
 
 P2P_CATEGORY = f"{CATEGORY}/Prompt-to-Prompt"
 EDIT = io.Custom("EDITLAB_P2P_EDIT")
 KEY = "editlab_p2p"  # wrapper key and transformer_options entry holding the controller
-
-
-# -- CLIP: words and tokens -----------------------------------------------------------------------
-
-def _sub_tokenizer(clip):
-    """The SD tokenizer under ComfyUI's CLIP wrapper whose Hugging Face tokenizer the cond is built from
-    (CLIP-L for SD1.x and SDXL, CLIP-H for SD2.x)."""
-    tok = getattr(clip, "tokenizer", None)
-    candidates = [getattr(tok, name, None) for name in ("clip_l", "clip_h", "clip_g")]
-    candidates += [v for v in vars(tok).values()] if tok is not None else []
-    for c in candidates:
-        if c is not None and hasattr(c, "tokenizer") and hasattr(c, "start_token") and c.start_token is not None:
-            return c
-    raise EditLabError("Prompt Pair Encode needs a CLIP text encoder with a start token (SD1.x, SD2.x, SDXL "
-                       "checkpoints); this CLIP has none")
-
-
-def word_tokenizer(sd_tokenizer) -> Callable[[str], list[int]]:
-    """One whitespace word -> its token ids, exactly as ComfyUI tokenises text (no start/end tokens)."""
-    hf = sd_tokenizer.tokenizer
-    start = getattr(sd_tokenizer, "tokens_start", 1)
-    end = -1 if getattr(sd_tokenizer, "tokenizer_adds_end_token", True) else None
-
-    def tokenize(word: str) -> list[int]:
-        return [int(t) for t in hf(word)["input_ids"][start:end]]
-
-    return tokenize
-
-
-def _check_tokens(clip, sd_tokenizer, prompt: str, spec_words) -> dict:
-    """ComfyUI's own tokens for ``prompt``; refuses a second chunk or tokens the word split cannot follow."""
-    tokens = clip.tokenize(prompt)
-    for key, chunks in tokens.items():
-        if len(chunks) != 1:
-            raise EditLabError(
-                f"the prompt {prompt!r} needs {len(chunks)} CLIP chunks of 77 tokens; prompt-to-prompt maps "
-                "attention over one chunk (75 tokens of text): shorten the prompt"
-            )
-    ours = [t for w in spec_words for t in w.tokens]
-    key = next((k for k, chunks in tokens.items()
-                if chunks and int(chunks[0][0][0]) == sd_tokenizer.start_token), next(iter(tokens)))
-    ids = [t[0] for t in tokens[key][0]]
-    if any(not isinstance(t, (int, np.integer)) for t in ids) or \
-            [int(t) for t in ids[1:1 + len(ours)]] != ours or int(ids[1 + len(ours)]) != sd_tokenizer.end_token:
-        raise EditLabError(
-            f"the prompt {prompt!r} uses ComfyUI prompt syntax (weights like (word:1.2), escapes or "
-            "embedding:names) that word alignment cannot follow; write it as plain text and use the "
-            "'reweight_words' input to strengthen or weaken words"
-        )
-    return tokens
 
 
 class PromptPairEncode(EditLabNode):
@@ -139,41 +93,15 @@ class PromptPairEncode(EditLabNode):
         if not source.strip() or not targets:
             raise EditLabError("write a source prompt and at least one target prompt (one per line)")
         prompts = [" ".join(source.split())] + targets
-        sd_tok = _sub_tokenizer(clip)
-        try:
-            spec = build_edit_spec(
-                prompts, mode, word_tokenizer(sd_tok), bos=int(sd_tok.start_token), eos=int(sd_tok.end_token),
-                reweight=parse_word_values(reweight_words, reweight_factor, "reweight_words"),
-                blend_words=[w.strip() for w in blend_words.split(",") if w.strip()],
-                replace_overrides=parse_word_values(cross_replace_words, None, "cross_replace_words"),
-            )
-        except P2PInputError as exc:
-            raise user_error(exc) from exc
-        rows = [_check_tokens(clip, sd_tok, prompt, words) for prompt, words in zip(prompts, spec.words)]
+        sd_tok = sd_tokenizer(clip)
+        spec = build_edit_spec(
+            prompts, mode, word_tokenizer(sd_tok), bos=int(sd_tok.start_token), eos=int(sd_tok.end_token),
+            reweight=parse_word_values(reweight_words, reweight_factor, "reweight_words"),
+            blend_words=[w.strip() for w in blend_words.split(",") if w.strip()],
+            replace_overrides=parse_word_values(cross_replace_words, None, "cross_replace_words"),
+        )
+        rows = [plain_prompt_tokens(clip, sd_tok, prompt, words) for prompt, words in zip(prompts, spec.words)]
         return io.NodeOutput(encode_rows(clip, rows), spec)
-
-
-def encode_rows(clip, rows: list[dict]) -> list:
-    """CONDITIONING with one batch row per token dict (each one 77-token chunk), pooled outputs stacked."""
-    conds, extras = [], None
-    for tokens in rows:
-        out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-        conds.append(out.pop("cond"))
-        if extras is None:
-            extras = {k: [v] for k, v in out.items()}
-        else:
-            for k, v in out.items():
-                extras.setdefault(k, []).append(v)
-    shapes = {tuple(c.shape) for c in conds}
-    if len(shapes) != 1:
-        raise EditLabError(f"the prompts encode to different shapes {sorted(shapes)}; use one 77-token chunk each")
-    info = {}
-    for k, values in extras.items():
-        if all(isinstance(v, torch.Tensor) and v.shape[:1] == (1,) for v in values):
-            info[k] = torch.cat(values)
-        else:
-            info[k] = values[0]
-    return [[torch.cat(conds), info]]
 
 
 class P2PLatentBatch(EditLabNode):
@@ -255,40 +183,70 @@ def _kernel(prev: Optional[Callable], extra: dict) -> Callable:
         q, k, v, heads, attn_precision=precision, transformer_options=extra)
 
 
-def _cross_patch(controller: P2PController, prev: Optional[Callable]):
+class StepClock:
+    """The sampler step of a forward pass, read from an attention call's own options: ``sigmas`` (this
+    forward's sigma) and ``sample_sigmas`` (the whole schedule), which ComfyUI puts in every forward's
+    transformer_options. The ~30 attention calls of one forward share one read: the schedule is copied to
+    the host once per schedule tensor and the sigma once per forward (both by tensor identity)."""
+
+    def __init__(self):
+        self._schedule: tuple = (None, [])
+        self._last: tuple = (None, None, None)
+
+    def schedule(self, sample_sigmas: torch.Tensor) -> list[float]:
+        if self._schedule[0] is not sample_sigmas:
+            self._schedule = (sample_sigmas, sample_sigmas.detach().float().cpu().reshape(-1).tolist())
+        return self._schedule[1]
+
+    def __call__(self, options: dict) -> Step:
+        sigmas, sample_sigmas = options.get("sigmas"), options.get("sample_sigmas")
+        if sigmas is None or sample_sigmas is None:
+            raise EditLabError("prompt-to-prompt reads the step from the sampler's schedule, and this model call "
+                               "has none: sample the controlled MODEL with a ComfyUI sampler (KSampler, "
+                               "SamplerCustom, SamplerCustomAdvanced)")
+        if self._last[0] is not sigmas or self._last[1] is not sample_sigmas:
+            self._last = (sigmas, sample_sigmas, step_of(float(sigmas.reshape(-1)[0]), self.schedule(sample_sigmas)))
+        return self._last[2]
+
+
+def run_key(controller: P2PController) -> str:
+    """The transformer_options entry holding a controller's current run (one per controller: they stack)."""
+    return f"{KEY}_run_{id(controller):x}"
+
+
+def _cross_patch(controller: P2PController, clock: StepClock, prev: Optional[Callable]):
+    key = run_key(controller)
+
     def attn2(q, k, v, extra):
-        try:
-            return controller.cross(q, k, v, extra["n_heads"], extra.get("cond_or_uncond", [0]), _kernel(prev, extra))
-        except P2PInputError as exc:
-            raise user_error(exc) from exc
+        return controller.cross(q, k, v, extra["n_heads"], extra.get("cond_or_uncond", [0]), clock(extra),
+                                _kernel(prev, extra), extra.get(key))
     return attn2
 
 
-def _self_patch(controller: P2PController, prev: Optional[Callable]):
+def _self_patch(controller: P2PController, clock: StepClock, prev: Optional[Callable]):
     def attn1(q, k, v, extra):
-        try:
-            return controller.self_attention(q, k, v, extra["n_heads"], extra.get("cond_or_uncond", [0]),
-                                             _kernel(prev, extra))
-        except P2PInputError as exc:
-            raise user_error(exc) from exc
+        return controller.self_attention(q, k, v, extra["n_heads"], extra.get("cond_or_uncond", [0]), clock(extra),
+                                         _kernel(prev, extra))
     return attn1
 
 
 def _outer_sample_wrapper(controller: P2PController):
-    """Reset the per-run state and check the batch before a sampling run (any CFGGuider subclass)."""
+    """Check the batch, and give this sampling run its own state: a :class:`P2PRun` placed in the run's
+    own copy of the model options (the guider's, cloned per run by ComfyUI), so every attention call and
+    the blend of this run - and only of this run - see it. The run's maps are recorded under its output."""
+    key = run_key(controller)
+
     def wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         rows = controller.spec.rows
-        for entry in (getattr(executor.class_obj, "conds", None) or {}).get("positive", []) or []:
+        guider = executor.class_obj
+        for entry in (getattr(guider, "conds", None) or {}).get("positive", []) or []:
             cross = entry.get("cross_attn") if isinstance(entry, dict) else None
             if isinstance(cross, torch.Tensor) and cross.shape[0] != rows:
                 raise EditLabError(
                     f"the positive conditioning has a batch of {cross.shape[0]} but the edit has {rows} prompts "
                     "(source + targets): connect the 'conditioning' output of Prompt Pair Encode as the positive"
                 )
-        try:
-            controller.begin_run(int(noise.shape[0]), tuple(noise.shape[-2:]), sigmas.detach().float().cpu().tolist())
-        except P2PInputError as exc:
-            raise user_error(exc) from exc
+        run = controller.new_run(int(noise.shape[0]), tuple(noise.shape[-2:]))
         if noise.shape[0] > 1:
             same_noise = all(torch.equal(noise[0], noise[i]) for i in range(1, noise.shape[0]))
             same_start = latent_image is None or all(torch.equal(latent_image[0], latent_image[i])
@@ -299,29 +257,30 @@ def _outer_sample_wrapper(controller: P2PController):
                     "or latent); pass the latent through 'EditLab P2P Latent Batch' (one shared noise draw), or "
                     "start every row from the same inverted latent"
                 )
+        options = guider.model_options
+        # A new dict, not an edit of the guider's: the run is seen by this run only.
+        guider.model_options = {**options, "transformer_options": {**options.get("transformer_options", {}), key: run}}
         try:
-            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+            out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
-            controller.end_run()
+            guider.model_options = options
+        controller.finish(run, out)
+        return out
     return wrapper
 
 
-def _apply_model_wrapper(controller: P2PController):
-    """Tell the controller which sampler step this forward pass belongs to (one host read per pass)."""
-    def wrapper(executor, x, t, *args, **kwargs):
-        opts = kwargs.get("transformer_options", args[4] if len(args) > 4 else {})
-        sample_sigmas = opts.get("sample_sigmas")
-        controller.begin_forward(float(t.reshape(-1)[0]),
-                                 None if sample_sigmas is None else sample_sigmas.detach().float().cpu().tolist())
-        return executor(x, t, *args, **kwargs)
-    return wrapper
+def _predict_noise_wrapper(controller: P2PController, clock: StepClock):
+    """Local blend on the guider's final (CFG-combined) denoised prediction of all rows of the run."""
+    key = run_key(controller)
 
-
-def _predict_noise_wrapper(controller: P2PController):
-    """Local blend on the guider's final (CFG-combined) denoised prediction of all rows."""
     def wrapper(executor, x, timestep, model_options={}, seed=None, *args, **kwargs):
         denoised = executor(x, timestep, model_options, seed, *args, **kwargs)
-        return controller.blend(x, denoised, float(timestep.reshape(-1)[0]))
+        options = (model_options or {}).get("transformer_options", {})
+        run: Optional[P2PRun] = options.get(key)
+        if run is None or options.get("sample_sigmas") is None:
+            return denoised
+        return controller.blend(run, x, denoised, float(timestep.reshape(-1)[0]),
+                                clock.schedule(options["sample_sigmas"]))
     return wrapper
 
 
@@ -335,18 +294,18 @@ def controlled_model(model, spec: EditSpec, settings: ControlSettings):
             "model has no UNet transformer blocks with cross-attention"
         )
     controller = P2PController(spec, settings, levels=[b[3] for b in blocks])
+    clock = StepClock()
     replace = m.model_options.get("transformer_options", {}).get("patches_replace", {})
     prev1, prev2 = replace.get("attn1", {}), replace.get("attn2", {})
     for name, number, index, _ in blocks:
-        m.set_model_attn2_replace(_cross_patch(controller, prev2.get((name, number, index), prev2.get((name, number)))),
+        m.set_model_attn2_replace(_cross_patch(controller, clock, prev2.get((name, number, index), prev2.get((name, number)))),
                                   name, number, index)
         if settings.self_replace > 0:
-            m.set_model_attn1_replace(_self_patch(controller, prev1.get((name, number, index), prev1.get((name, number)))),
+            m.set_model_attn1_replace(_self_patch(controller, clock, prev1.get((name, number, index), prev1.get((name, number)))),
                                       name, number, index)
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, _outer_sample_wrapper(controller))
-    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _apply_model_wrapper(controller))
     if spec.has_blend:
-        m.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, KEY, _predict_noise_wrapper(controller))
+        m.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, KEY, _predict_noise_wrapper(controller, clock))
     m.model_options["transformer_options"] = {**m.model_options.get("transformer_options", {}), KEY: controller}
     return m
 
@@ -367,7 +326,7 @@ class AttentionController(EditLabNode):
                         "source outside the region up to the fresh noise of each step, and land on it exactly at "
                         "the last step.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to patch; the output is a patched clone (this input is left unchanged)."),
                 EDIT.Input("edit", tooltip="From Prompt Pair Encode."),
                 io.Float.Input("cross_replace_steps", default=0.8, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps during which target cross-attention comes from the "
@@ -444,13 +403,14 @@ class AttentionMaps(EditLabNode):
             node_id="EditLabAttentionMaps",
             display_name="Attention Maps (Prompt-to-Prompt)",
             category=P2P_CATEGORY,
-            description="Shows what each word attends to: the per-word cross-attention maps of the last sampling run "
-                        "of a controlled MODEL, averaged over heads, layers and steps at the controller's map_size, "
+            description="Shows what each word attends to: the per-word cross-attention maps of the sampling run "
+                        "that produced 'samples' with a controlled MODEL, averaged over heads, layers and steps at the controller's map_size, "
                         "one image per prompt (source first), each tile labelled with its word. Use it to choose "
                         "blend and reweight words.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of the Attention Controller that was sampled."),
-                io.Latent.Input("samples", tooltip="The sampler's output: connecting it runs this node after sampling."),
+                io.Latent.Input("samples", tooltip="The sampler's output LATENT: the maps shown are those of the run that "
+                                                "produced it (and connecting it runs this node after sampling)."),
                 io.Int.Input("tile_size", default=128, min=16, max=1024, step=8, tooltip="Size of each word's tile in pixels."),
             ],
             outputs=[io.Image.Output(tooltip="One image per prompt: a grid of word tiles (bright = strong attention).")],
@@ -462,12 +422,17 @@ class AttentionMaps(EditLabNode):
         if not isinstance(controller, P2PController):
             raise EditLabError("this MODEL carries no attention controller: connect the MODEL output of "
                                "'EditLab Attention Controller' (the one the sampler used)")
-        latent_samples(samples, "samples")
-        if controller.last_maps is None:
-            raise EditLabError("no attention maps recorded yet: sample with the controlled MODEL first (connect the "
-                               "sampler's output LATENT to 'samples')")
-        rec = controller.last_maps
-        return io.NodeOutput(attention_map_grid(rec["maps"], rec["grid"], controller.spec, int(tile_size)))
+        # The maps belong to the run that produced this LATENT (found by its exact values), so two samplers
+        # fed by one controlled MODEL each show their own maps, whichever ran last.
+        record = controller.maps_for(latent_samples(samples, "samples"))
+        if record is None:
+            raise EditLabError(
+                "these samples were not produced by a sampling run of this controlled MODEL (or by one of its "
+                f"last {P2PController.RECORDS} runs): connect the sampler's output LATENT (KSampler 'LATENT', "
+                "SamplerCustomAdvanced 'output', not 'denoised_output') to 'samples', and the MODEL that sampler "
+                "used to 'model'"
+            )
+        return io.NodeOutput(attention_map_grid(record.maps, record.grid, controller.spec, int(tile_size)))
 
 
 NODES = [PromptPairEncode, P2PLatentBatch, AttentionController, AttentionMaps]

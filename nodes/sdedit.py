@@ -1,4 +1,4 @@
-"""SDEdit and GLIDE-style inpainting nodes (METHODS.md §1-2).
+"""SDEdit and GLIDE-style inpainting nodes (docs/methods.md §1-2).
 
 - ``EditLabSDEPerturb``: guide LATENT -> x(t0) = x0 + sigma(t0) z and the SIGMAS tail, for any sampler
   run with noise disabled.
@@ -20,8 +20,10 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..samplers.sdedit import (
+    KNOWN_NOISE,
+    REPLACE_ON,
+    REVERSE_MODES,
     KnownRegion,
-    SDEditInputError,
     latent_distance,
     perturb,
     sample_reverse_sde,
@@ -35,6 +37,7 @@ from .common import (
     EditLabNode,
     Progress,
     cancel_callback,
+    check_choice,
     is_k_space,
     latent_mask,
     latent_samples,
@@ -43,11 +46,26 @@ from .common import (
     sdedit_sigmas,
     to_latent_space,
     to_model_space,
-    user_error,
 )
 
 SDEDIT_CATEGORY = f"{CATEGORY}/SDEdit"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+MASK_CONVENTIONS = ("1 = regenerate (ComfyUI)", "1 = keep (GLIDE)")
+
+
+def refuse_flow(ms, what: str, instead: str) -> None:
+    """Refuse a model that does not noise as ``x0 + sigma * z`` (e.g. SD3 / Flux rectified flow).
+
+    The SDEdit maths here is the VE-SDE in k-space (docs/methods.md §1); a flow model's marginal is
+    ``(1 - sigma) x0 + sigma z``, so the known region and the reverse SDE would be silently wrong.
+    Called before any sampling work.
+    """
+    if not is_k_space(ms):
+        raise EditLabError(
+            f"{what} needs a model that noises as x0 + sigma * noise (SD1.x, SD2.x, SDXL: eps or v prediction); "
+            f"this model uses another parametrisation (e.g. rectified flow: SD3, Flux), which is not supported "
+            f"yet. {instead}"
+        )
 
 
 def _t0_input(default: float = 0.5) -> io.Float.Input:
@@ -79,20 +97,12 @@ def perturbed_latent(model, latent: dict, t0: float, steps: int, scheduler: str,
             "mask re-insertion would paste the noisy guide back. Remove the mask from the latent and connect "
             "it to 'EditLab Known-Region Sampler' (with this guide latent on its 'guide' input) instead."
         )
-    ms = model_sampling(model)
-    if not is_k_space(ms):
-        raise EditLabError(
-            "SDE Perturb needs a model that noises as x0 + sigma * noise (SD1.x, SD2.x, SDXL: eps or v "
-            "prediction); this model uses another parametrisation (e.g. rectified flow). Use ComfyUI's "
-            "BasicScheduler 'denoise' with RandomNoise for it instead."
-        )
+    refuse_flow(model_sampling(model), "SDE Perturb",
+                "Use ComfyUI's BasicScheduler 'denoise' with RandomNoise for it instead.")
     sigmas = sdedit_sigmas(model, t0, steps, scheduler)
     x0 = to_model_space(model, samples.float())
     z = noise_for(latent, seed).to(x0.dtype)
-    try:
-        x = perturb(x0, float(sigmas[0]), z)
-    except SDEditInputError as exc:
-        raise user_error(exc) from exc
+    x = perturb(x0, float(sigmas[0]), z)
     out = {k: v for k, v in latent.items() if k != "samples"}
     out["samples"] = to_latent_space(model, x)
     return out, sigmas
@@ -132,14 +142,25 @@ class SDEPerturb(EditLabNode):
 
 
 class ReverseSDESampler(comfy.samplers.KSAMPLER):
-    """ComfyUI SAMPLER around :func:`sample_reverse_sde` that refuses non-VE models clearly."""
+    """ComfyUI SAMPLER around :func:`sample_reverse_sde` that refuses non-VE models clearly.
+
+    With ``repeat`` rounds the host's progress callback is told the whole run's length
+    (``repeat * steps``), so the progress bar and the previews count every round.
+    """
+
+    def __init__(self, sampler_function, repeat: int = 1):
+        super().__init__(sampler_function)
+        self.repeat = int(repeat)
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
-        if not is_k_space(model_wrap.inner_model.model_sampling):
-            raise EditLabError(
-                "the Reverse SDE sampler integrates the VE-SDE (x = x0 + sigma * noise: SD1.x, SD2.x, SDXL); "
-                "this model uses another parametrisation. Use a native sampler (euler, dpmpp_2m) with it."
-            )
+        refuse_flow(model_wrap.inner_model.model_sampling, "the Reverse SDE sampler (the VE-SDE)",
+                    "Use a native sampler (euler, dpmpp_2m) with it.")
+        if callback is not None and self.repeat > 1:
+            host, rounds = callback, self.repeat
+
+            def callback(step, x0, x, total_steps):
+                return host(step, x0, x, total_steps * rounds)
+
         return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 
@@ -155,7 +176,7 @@ class ReverseSDESamplerNode(EditLabNode):
                         "(probability flow). repeat > 1 re-perturbs the result to the first sigma and samples "
                         "again, K times (the paper's K).",
             inputs=[
-                io.Combo.Input("mode", options=["stochastic", "deterministic"], default="stochastic",
+                io.Combo.Input("mode", options=list(REVERSE_MODES), default="stochastic",
                                tooltip="stochastic: Euler–Maruyama with fresh noise each step (the paper). "
                                        "deterministic: probability-flow ODE, no noise."),
                 io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
@@ -168,19 +189,16 @@ class ReverseSDESamplerNode(EditLabNode):
 
     @classmethod
     def execute(cls, mode, seed, repeat) -> io.NodeOutput:
+        check_choice(mode, REVERSE_MODES, "mode")
         if repeat < 1:
             raise EditLabError(f"repeat must be at least 1, got {repeat}")
         draw_seed = int(seed)
 
         def fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
-            try:
-                return sample_reverse_sde(model, x, sigmas, extra_args, callback, disable,
-                                          deterministic=(mode == "deterministic"),
-                                          noise_source=seeded_noise(draw_seed), repeat=int(repeat))
-            except SDEditInputError as exc:
-                raise user_error(exc) from exc
+            return sample_reverse_sde(model, x, sigmas, extra_args, callback, disable, mode=mode,
+                                      noise_source=seeded_noise(draw_seed), repeat=int(repeat))
 
-        return io.NodeOutput(ReverseSDESampler(fn))
+        return io.NodeOutput(ReverseSDESampler(fn, int(repeat)))
 
 
 class _DenoiserProxy:
@@ -232,6 +250,8 @@ class KnownRegionSampler(comfy.samplers.Sampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
         if latent_image is None:
             raise EditLabError("the Known-Region sampler needs a latent to keep regions of")
+        refuse_flow(model_wrap.inner_model.model_sampling, "the Known-Region sampler (it re-noises the known "
+                    "region as guide + sigma * noise)", "Use ComfyUI's noise mask (Set Latent Noise Mask) with it.")
         device = latent_image.device
         if self.mask is not None:
             mask = latent_mask(self.mask, latent_image).to(device, latent_image.dtype)
@@ -245,11 +265,8 @@ class KnownRegionSampler(comfy.samplers.Sampler):
         ms = model_wrap.inner_model.model_sampling
         x_init = ms.noise_scaling(sigmas[0], noise.to(device), latent_image, self.max_denoise(model_wrap, sigmas))
         fixed = (x_init - guide) / sigmas[0] if float(sigmas[0]) > 0 else torch.zeros_like(guide)
-        try:
-            known = KnownRegion(guide=guide, mask=mask, noise=fixed, known_noise=self.known_noise, replace_on=self.replace_on)
-            known.check(latent_image)
-        except SDEditInputError as exc:
-            raise user_error(exc) from exc
+        known = KnownRegion(guide=guide, mask=mask, noise=fixed, known_noise=self.known_noise, replace_on=self.replace_on)
+        known.check(latent_image)
         proxy = _DenoiserProxy(model_wrap, with_known_region(model_wrap, known, seeded_noise(self.seed)))
         # This wrapper owns the known region now; ComfyUI's fixed-noise re-insertion is switched off.
         samples = self.inner.sample(proxy, sigmas, extra_args, callback, noise, latent_image, None, disable_pbar)
@@ -272,15 +289,15 @@ class KnownRegionSamplerNode(EditLabNode):
                         "or both. The final result keeps the guide exactly outside the mask.",
             inputs=[
                 io.Sampler.Input("sampler", tooltip="Any sampler: EditLab Reverse SDE Sampler, or KSamplerSelect's."),
-                io.Combo.Input("mask_convention", options=["1 = regenerate (ComfyUI)", "1 = keep (GLIDE)"],
+                io.Combo.Input("mask_convention", options=list(MASK_CONVENTIONS),
                                default="1 = regenerate (ComfyUI)",
                                tooltip="How to read the mask: ComfyUI masks (LoadImage alpha) mark the region to "
                                        "regenerate with 1; GLIDE marks the region to keep with 1."),
-                io.Combo.Input("known_noise", options=["same", "fresh"], default="same",
+                io.Combo.Input("known_noise", options=list(KNOWN_NOISE), default="same",
                                tooltip="same: re-noise the known region with the draw that started sampling "
                                        "(SDEdit). fresh: a new draw every step (GLIDE / RePaint), usually "
                                        "better seams."),
-                io.Combo.Input("replace_on", options=["x_t", "x0", "both"], default="x_t",
+                io.Combo.Input("replace_on", options=list(REPLACE_ON), default="x_t",
                                tooltip="Where the known region is written back: the running sample x_t "
                                        "(SDEdit, diffusers), the x0 prediction (GLIDE), or both (ComfyUI's "
                                        "noise mask)."),
@@ -299,7 +316,9 @@ class KnownRegionSamplerNode(EditLabNode):
     def execute(cls, sampler, mask_convention, known_noise, replace_on, seed, mask=None, guide=None) -> io.NodeOutput:
         if not hasattr(sampler, "sample"):
             raise EditLabError("'sampler' must be a SAMPLER (e.g. from KSamplerSelect)")
-        keeps = mask_convention.startswith("1 = keep")
+        keeps = check_choice(mask_convention, MASK_CONVENTIONS, "mask_convention") == MASK_CONVENTIONS[1]
+        check_choice(known_noise, KNOWN_NOISE, "known_noise")
+        check_choice(replace_on, REPLACE_ON, "replace_on")
         if guide is not None:
             samples = latent_samples(guide, "guide latent")
             if mask is not None:
@@ -320,7 +339,7 @@ class SDEditT0Search(EditLabNode):
                         "([0,1] RGB) when a VAE is connected, else on the latent. Each trial is one full "
                         "SDE Perturb + sampling run.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model every trial samples with (its noise schedule defines sigma(t0))."),
                 io.Conditioning.Input("positive", tooltip="What the result should look like."),
                 io.Conditioning.Input("negative", tooltip="Unconditional / negative prompt."),
                 io.Sampler.Input("sampler", tooltip="The reverse sampler used for every trial."),
@@ -351,6 +370,10 @@ class SDEditT0Search(EditLabNode):
         g = latent_samples(guide, "guide latent")
         if t0_min >= t0_max:
             raise EditLabError(f"t0_min ({t0_min}) must be smaller than t0_max ({t0_max})")
+        # Refuse what every trial would refuse, before the first trial (and before decoding the guide).
+        refuse_flow(model_sampling(model), "SDEdit t0 Search (it perturbs as guide + sigma * noise)",
+                    "Sweep BasicScheduler 'denoise' with a native sampler instead.")
+        check_choice(scheduler, comfy.samplers.SCHEDULER_NAMES, "scheduler")
         progress = Progress(max_runs)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
@@ -370,11 +393,7 @@ class SDEditT0Search(EditLabNode):
                 dist = float(latent_distance(out, reference).mean())
             return out, dist
 
-        try:
-            found = search_t0(run, budget, lo=t0_min, hi=t0_max, max_runs=max_runs,
-                              on_trial=lambda *_: progress.step())
-        except SDEditInputError as exc:
-            raise user_error(exc) from exc
+        found = search_t0(run, budget, lo=t0_min, hi=t0_max, max_runs=max_runs, on_trial=lambda *_: progress.step())
         result = {k: v for k, v in guide.items() if k not in ("samples", "noise_mask")}
         result["samples"] = found.result
         return io.NodeOutput(result, found.t0, found.distance)

@@ -1,4 +1,4 @@
-"""BLIP-Diffusion subject nodes (METHODS.md §7): a subject image becomes 16 embeddings spliced into a prompt.
+"""BLIP-Diffusion subject nodes (docs/methods.md §7): a subject image becomes 16 embeddings spliced into a prompt.
 
 - ``EditLabSubjectEncoderLoader``: the vision encoder + Q-Former + projection of a BLIP-Diffusion folder
   (diffusers layout) under ``models/blip_diffusion/``, registered with ComfyUI's memory management.
@@ -23,19 +23,19 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
-from ..guidance.p2p import P2PInputError, subject_edit_spec
+from ..guidance.p2p import subject_edit_spec
 from ..guidance.subject import (
     CLIP_MAX_LENGTH,
     Subject,
-    SubjectInputError,
     build_prompt,
     load_subject_encoder,
     mix_subjects,
     plan_splice,
     preprocess,
 )
-from .common import CATEGORY, EditLabError, EditLabNode, user_error
-from .p2p import EDIT, _check_tokens, encode_rows, word_tokenizer
+from .clip_tokens import encode_rows, plain_prompt_tokens, word_tokenizer
+from .common import CATEGORY, EditLabError, EditLabNode
+from .p2p import EDIT
 
 SUBJECT_CATEGORY = f"{CATEGORY}/Subject"
 MODEL_FOLDER = "blip_diffusion"
@@ -46,28 +46,57 @@ SubjectType = io.Custom("SUBJECT")
 folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
 
 
+def _registered_roots() -> list[str]:
+    """The registered blip_diffusion folders that exist, resolved (symlinks followed)."""
+    return [os.path.realpath(b) for b in folder_paths.get_folder_paths(MODEL_FOLDER) if os.path.isdir(b)]
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(os.path.commonpath([root, path]) == root for root in roots)
+
+
 def subject_folders() -> list[str]:
-    """Release folders (those with ``qformer/config.json``) under every registered blip_diffusion path."""
+    """Release folders (those with ``qformer/config.json``) directly under a registered blip_diffusion path
+    that resolve inside a registered path ("." = the registered folder itself is a release)."""
+    roots = _registered_roots()
     names = []
     for base in folder_paths.get_folder_paths(MODEL_FOLDER):
         if not os.path.isdir(base):
             continue
-        if os.path.isfile(os.path.join(base, "qformer", "config.json")):
-            names.append(".")
-        for entry in sorted(os.listdir(base)):
-            if os.path.isfile(os.path.join(base, entry, "qformer", "config.json")) and entry not in names:
+        for entry in [".", *sorted(os.listdir(base))]:
+            path = os.path.realpath(os.path.join(base, entry))
+            if (entry not in names and os.path.isfile(os.path.join(path, "qformer", "config.json"))
+                    and _inside(path, roots)):
                 names.append(entry)
     return names
 
 
 def resolve_folder(name: str) -> str:
+    """The release folder ``name`` under a registered blip_diffusion path, confined to those paths.
+
+    ``name`` is a relative path without ``..`` (an absolute path or a step up is refused outright), and its
+    real path (symlinks followed) must lie inside one of the registered blip_diffusion folders: a symlink
+    whose target is inside a registered folder is accepted, one that leads outside is refused.
+    """
     searched = folder_paths.get_folder_paths(MODEL_FOLDER)
+    parts = name.replace("\\", "/").split("/") if isinstance(name, str) else []
+    if not isinstance(name, str) or not name.strip() or os.path.isabs(name) or ".." in parts or "\0" in name:
+        raise EditLabError(f"subject encoder folder {name!r} is not a folder name under models/blip_diffusion: "
+                           f"choose one of {subject_folders()} (the folders registered for blip_diffusion are "
+                           f"{searched}; add another with extra_model_paths.yaml)")
+    roots = _registered_roots()
     for base in searched:
-        path = os.path.normpath(os.path.join(base, name))
+        path = os.path.realpath(os.path.join(base, name))
         if os.path.isdir(path):
+            if not _inside(path, roots):
+                raise EditLabError(
+                    f"subject encoder folder {name!r} resolves to {path}, outside the folders registered for "
+                    f"blip_diffusion ({searched}); move the release folder there (a symlink must point inside "
+                    "them), or register its location under blip_diffusion in extra_model_paths.yaml")
             return path
-    raise EditLabError(f"subject encoder folder {name!r} not found; searched {searched}. Put the BLIP-Diffusion "
-                       "release folder (with qformer/, image_processor/) there, e.g. models/blip_diffusion/blipdiffusion")
+    raise EditLabError(f"subject encoder folder {name!r} not found; searched {searched} (registered for "
+                       "blip_diffusion). Put the BLIP-Diffusion release folder (with qformer/, image_processor/) "
+                       "there, e.g. models/blip_diffusion/blipdiffusion")
 
 
 class SubjectEncoderModel:
@@ -106,8 +135,9 @@ class SubjectEncoderLoader(EditLabNode):
             category=SUBJECT_CATEGORY,
             description="Loads the BLIP-Diffusion subject encoder (BLIP-2 vision encoder, Q-Former with its text "
                         "embeddings, projection) from a release folder in diffusers layout under "
-                        "models/blip_diffusion/. Local files only. Load the release's UNet, text encoder and VAE "
-                        "with ComfyUI's own loaders.",
+                        "models/blip_diffusion/. Local files only, confined to the folders registered for "
+                        "blip_diffusion (a symlinked folder must resolve inside one of them). Load the release's "
+                        "UNet, text encoder and VAE with ComfyUI's own loaders.",
             inputs=[
                 io.Combo.Input("folder", options=subject_folders(),
                                tooltip="A folder under models/blip_diffusion/ holding qformer/config.json + "
@@ -120,11 +150,7 @@ class SubjectEncoderLoader(EditLabNode):
 
     @classmethod
     def execute(cls, folder) -> io.NodeOutput:
-        path = resolve_folder(folder)
-        try:
-            loaded = load_subject_encoder(path, name=folder)
-        except SubjectInputError as exc:
-            raise user_error(exc) from exc
+        loaded = load_subject_encoder(resolve_folder(folder), name=folder)
         return io.NodeOutput(SubjectEncoderModel(loaded, folder))
 
 
@@ -151,10 +177,7 @@ class SubjectEncode(EditLabNode):
 
     @classmethod
     def execute(cls, subject_encoder, image, class_word) -> io.NodeOutput:
-        try:
-            embeds = subject_encoder.encode(image, class_word)
-        except SubjectInputError as exc:
-            raise user_error(exc) from exc
+        embeds = subject_encoder.encode(image, class_word)
         return io.NodeOutput(Subject(embeds.cpu(), class_word.strip(), subject_encoder.name))
 
 
@@ -228,10 +251,7 @@ class SubjectPrompt(EditLabNode):
 
     @classmethod
     def execute(cls, clip, subject, prompt, target_class, prompt_strength, prompt_reps, negative_prompt) -> io.NodeOutput:
-        try:
-            text = build_prompt(prompt, target_class or subject.class_word, prompt_strength, prompt_reps)
-        except SubjectInputError as exc:
-            raise user_error(exc) from exc
+        text = build_prompt(prompt, target_class or subject.class_word, prompt_strength, prompt_reps)
         tokens, report = subject_tokens(clip, subject, text)
         positive = clip.encode_from_tokens_scheduled(tokens)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative_prompt))
@@ -267,10 +287,7 @@ class SubjectMix(EditLabNode):
         if subject_c is not None:
             subjects.append(subject_c)
             weights.append(weight_c)
-        try:
-            return io.NodeOutput(mix_subjects(subjects, weights, class_word))
-        except SubjectInputError as exc:
-            raise user_error(exc) from exc
+        return io.NodeOutput(mix_subjects(subjects, weights, class_word))
 
 
 class SubjectEditPair(EditLabNode):
@@ -322,13 +339,10 @@ class SubjectEditPair(EditLabNode):
         if not source:
             raise EditLabError("write the photo's prompt in 'source', naming the object to replace")
         n = int(subject.embeds.shape[0])
-        try:
-            spec = subject_edit_spec(source, subject_word.strip() or subject.class_word, target_class, n,
-                                     word_tokenizer(tok), bos=int(tok.start_token), eos=int(tok.end_token),
-                                     blend=local_blend, subject_weight=subject_weight)
-        except P2PInputError as exc:
-            raise user_error(exc) from exc
-        source_tokens = _check_tokens(clip, tok, source, spec.words[0])
+        spec = subject_edit_spec(source, subject_word.strip() or subject.class_word, target_class, n,
+                                 word_tokenizer(tok), bos=int(tok.start_token), eos=int(tok.end_token),
+                                 blend=local_blend, subject_weight=subject_weight)
+        source_tokens = plain_prompt_tokens(clip, tok, source, spec.words[0])
         embeds = subject.embeds.float()
         row = [(int(tok.start_token), 1.0)]
         for word in spec.words[1]:

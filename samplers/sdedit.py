@@ -1,6 +1,6 @@
 """SDEdit (Meng et al., ICLR 2022) and GLIDE-style known-region replacement, in k-diffusion form.
 
-Notation follows METHODS.md: the sampler works in ComfyUI's "k-space", ``x = x0 + sigma * eps``
+Notation follows docs/methods.md §1: the sampler works in ComfyUI's "k-space", ``x = x0 + sigma * eps``
 (the VE-SDE of the paper), and ``model(x, sigma)`` returns the denoised prediction ``D(x, sigma)``.
 
 Nothing here imports ComfyUI: ``sample_reverse_sde`` has the k-diffusion signature
@@ -14,25 +14,35 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
+from tqdm.auto import tqdm
+
+from ..errors import EditLabError
 
 Denoiser = Callable[..., torch.Tensor]
 NoiseSource = Callable[[torch.Tensor], torch.Tensor]
 
 KnownNoise = Literal["same", "fresh"]
 ReplaceOn = Literal["x_t", "x0", "both"]
+ReverseMode = Literal["stochastic", "deterministic"]
+KNOWN_NOISE: tuple[str, ...] = ("same", "fresh")
+REPLACE_ON: tuple[str, ...] = ("x_t", "x0", "both")
+REVERSE_MODES: tuple[str, ...] = ("stochastic", "deterministic")
 
 
-class SDEditInputError(ValueError):
-    """Raised for user-facing input problems (the message says what to do)."""
+def check_option(value: object, options: tuple[str, ...], what: str) -> str:
+    """A mode string must be one of ``options``: an unknown one is refused, never read as a default."""
+    if value not in options:
+        raise EditLabError(f"{what} must be one of {list(options)}, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def check_t0(t0: float) -> float:
     """Validate the SDEdit start time ``t0`` (a fraction of the model's timesteps)."""
     if not isinstance(t0, (int, float)) or math.isnan(float(t0)):
-        raise SDEditInputError(f"t0 must be a number in (0, 1], got {t0!r}")
+        raise EditLabError(f"t0 must be a number in (0, 1], got {t0!r}")
     t0 = float(t0)
     if not 0.0 < t0 <= 1.0:
-        raise SDEditInputError(
+        raise EditLabError(
             f"t0 must be in (0, 1] (a fraction of the model's noise schedule), got {t0}; "
             "0.3-0.6 is the paper's range for stroke guides, 1.0 is pure generation"
         )
@@ -42,14 +52,14 @@ def check_t0(t0: float) -> float:
 def check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
     """A schedule must hold at least one step and be non-increasing and finite."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise SDEditInputError(
+        raise EditLabError(
             f"the sigma schedule is empty (got {sigmas.numel()} value(s)); it needs at least two "
             "(a start and an end level) - raise steps or t0"
         )
     if not torch.isfinite(sigmas).all():
-        raise SDEditInputError("the sigma schedule contains NaN or inf values")
+        raise EditLabError("the sigma schedule contains NaN or inf values")
     if (sigmas[1:] > sigmas[:-1]).any():
-        raise SDEditInputError("the sigma schedule must be non-increasing (noisiest level first)")
+        raise EditLabError("the sigma schedule must be non-increasing (noisiest level first)")
     return sigmas
 
 
@@ -62,7 +72,7 @@ def tail_schedule(full: torch.Tensor, sigma0: float, steps: int) -> torch.Tensor
     is dropped (keeps the schedule strictly decreasing at its start).
     """
     if steps < 1:
-        raise SDEditInputError(f"steps must be at least 1, got {steps}")
+        raise EditLabError(f"steps must be at least 1, got {steps}")
     tail = full[-(steps + 1):].clone().float()
     rest = tail[1:]
     rest = rest[rest < sigma0]
@@ -70,9 +80,9 @@ def tail_schedule(full: torch.Tensor, sigma0: float, steps: int) -> torch.Tensor
 
 
 def perturb(x0: torch.Tensor, sigma0: float, noise: torch.Tensor) -> torch.Tensor:
-    """SDEdit perturbation ``x(t0) = x0 + sigma(t0) * z`` (the VE-SDE marginal, METHODS.md §1)."""
+    """SDEdit perturbation ``x(t0) = x0 + sigma(t0) * z`` (the VE-SDE marginal, docs/methods.md §1)."""
     if noise.shape != x0.shape:
-        raise SDEditInputError(f"noise shape {tuple(noise.shape)} does not match latent shape {tuple(x0.shape)}")
+        raise EditLabError(f"noise shape {tuple(noise.shape)} does not match latent shape {tuple(x0.shape)}")
     return x0 + sigma0 * noise
 
 
@@ -94,31 +104,33 @@ class KnownRegion:
     replace_on: ReplaceOn = "x_t"
 
     def __post_init__(self) -> None:
-        if self.known_noise not in ("same", "fresh"):
-            raise SDEditInputError(f"known_noise must be 'same' or 'fresh', got {self.known_noise!r}")
-        if self.replace_on not in ("x_t", "x0", "both"):
-            raise SDEditInputError(f"replace_on must be 'x_t', 'x0' or 'both', got {self.replace_on!r}")
+        check_option(self.known_noise, KNOWN_NOISE, "known_noise")
+        check_option(self.replace_on, REPLACE_ON, "replace_on")
         if self.known_noise == "same" and self.noise is None:
-            raise SDEditInputError("known_noise='same' needs the fixed noise draw")
+            raise EditLabError("known_noise='same' needs the fixed noise draw")
 
     def check(self, x: torch.Tensor) -> None:
         if self.guide.shape != x.shape:
-            raise SDEditInputError(
+            raise EditLabError(
                 f"guide latent shape {tuple(self.guide.shape)} does not match the sampled latent {tuple(x.shape)}"
             )
         if self.mask.ndim != x.ndim or any(m not in (1, s) for m, s in zip(self.mask.shape, x.shape)):
-            raise SDEditInputError(
+            raise EditLabError(
                 f"mask shape {tuple(self.mask.shape)} cannot be broadcast to the latent {tuple(x.shape)}; "
                 "resize the mask to the image size"
             )
 
     def renoise(self, sigma: torch.Tensor, draw: NoiseSource, x: torch.Tensor) -> torch.Tensor:
-        """The known region at level ``sigma``: ``guide + sigma * z`` (same or fresh ``z``)."""
+        """The known region at level ``sigma``: ``guide + sigma * z`` (same or fresh ``z``).
+
+        This is the k-space (VE) marginal only; a flow model's is ``(1 - sigma) guide + sigma z``, so the
+        nodes refuse flow models before sampling (docs/methods.md §1).
+        """
         z = self.noise if self.known_noise == "same" else draw(x)
         return self.guide + sigma * z
 
     def paste(self, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """``m * x + (1 - m) * known`` (METHODS.md §1, stroke editing)."""
+        """``m * x + (1 - m) * known`` (docs/methods.md §1, stroke editing)."""
         return self.mask * x + (1.0 - self.mask) * known
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +159,7 @@ def reverse_sde_step(
     sigma_next: float,
     z: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """One reverse VE-SDE Euler–Maruyama step (METHODS.md §1).
+    """One reverse VE-SDE Euler–Maruyama step (docs/methods.md §1).
 
     1. score = (D - x) / sigma^2
     2. x' = x + (sigma^2 - sigma'^2) * score + sqrt(sigma^2 - sigma'^2) * z
@@ -172,40 +184,48 @@ def sample_reverse_sde(
     callback: Optional[Callable[[dict], None]] = None,
     disable: Optional[bool] = None,
     *,
-    deterministic: bool = False,
+    mode: ReverseMode = "stochastic",
     noise_source: Optional[NoiseSource] = None,
     repeat: int = 1,
 ) -> torch.Tensor:
     """SDEdit reverse sampler: VE-SDE Euler–Maruyama (Meng et al. 2022, Alg. 1), k-diffusion signature.
 
+    ``mode="deterministic"`` drops the noise and halves the drift (probability flow, docs/methods.md §1).
     ``repeat`` runs the perturb-and-reverse loop K times, each round re-perturbing the previous output
     to ``sigmas[0]`` with fresh noise (the reference code's K). Known regions (stroke editing,
     inpainting) compose from outside through :func:`with_known_region`, for this or any sampler.
+
+    Progress is one bar over all rounds (``repeat * steps``, hidden when ``disable`` is true, as in
+    k-diffusion), and the callback's ``i`` counts on across rounds, so previews never run backwards.
     """
     extra_args = {} if extra_args is None else extra_args
     check_sigmas(sigmas)
+    deterministic = check_option(mode, REVERSE_MODES, "mode") == "deterministic"
     if repeat < 1:
-        raise SDEditInputError(f"repeat must be at least 1, got {repeat}")
+        raise EditLabError(f"repeat must be at least 1, got {repeat}")
     draw = noise_source if noise_source is not None else seeded_noise(extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     levels = sigmas.tolist()  # one host read for the whole run, not one per step
     n = len(levels) - 1
-    for rnd in range(repeat):
-        if rnd > 0:
-            # Re-perturb the previous round's output (x at sigma ~ 0) back to sigma(t0).
-            x = x + levels[0] * draw(x)
-        for i in range(n):
-            sigma, sigma_next = levels[i], levels[i + 1]
-            denoised = model(x, sigmas[i] * s_in, **extra_args)
-            if callback is not None:
-                callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-            z = None if deterministic or sigma_next == 0.0 else draw(x)
-            x = reverse_sde_step(x, denoised, sigma, sigma_next, z)
+    with tqdm(total=repeat * n, disable=disable) as bar:
+        for rnd in range(repeat):
+            if rnd > 0:
+                # Re-perturb the previous round's output (x at sigma ~ 0) back to sigma(t0).
+                x = x + levels[0] * draw(x)
+            for i in range(n):
+                sigma, sigma_next = levels[i], levels[i + 1]
+                denoised = model(x, sigmas[i] * s_in, **extra_args)
+                if callback is not None:
+                    callback({"x": x, "i": rnd * n + i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                              "denoised": denoised})
+                z = None if deterministic or sigma_next == 0.0 else draw(x)
+                x = reverse_sde_step(x, denoised, sigma, sigma_next, z)
+                bar.update(1)
     return x
 
 
 def with_known_region(model: Denoiser, known: KnownRegion, draw: NoiseSource) -> Denoiser:
-    """Wrap a denoiser so that any sampler keeps ``known``'s region of the guide (METHODS.md §1-2).
+    """Wrap a denoiser so that any sampler keeps ``known``'s region of the guide (docs/methods.md §1-2).
 
     Before each evaluation the known region of ``x`` is replaced by the guide noised to the current
     level (same or fresh draw); after it, the x0 prediction's known region is replaced by the guide
@@ -228,7 +248,7 @@ def with_known_region(model: Denoiser, known: KnownRegion, draw: NoiseSource) ->
 def latent_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row mean squared error (the t0 search's faithfulness distance)."""
     if a.shape != b.shape:
-        raise SDEditInputError(f"cannot compare shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        raise EditLabError(f"cannot compare shapes {tuple(a.shape)} and {tuple(b.shape)}")
     return ((a.float() - b.float()) ** 2).flatten(1).mean(dim=1)
 
 
@@ -258,11 +278,11 @@ def search_t0(
     then the interval is halved. The best feasible result seen is returned.
     """
     if not budget > 0 or math.isinf(budget):
-        raise SDEditInputError(f"the faithfulness budget must be a positive finite number, got {budget}")
+        raise EditLabError(f"the faithfulness budget must be a positive finite number, got {budget}")
     if not 0.0 < lo < hi <= 1.0:
-        raise SDEditInputError(f"need 0 < lo < hi <= 1 for the t0 search, got lo={lo}, hi={hi}")
+        raise EditLabError(f"need 0 < lo < hi <= 1 for the t0 search, got lo={lo}, hi={hi}")
     if max_runs < 2:
-        raise SDEditInputError(f"the t0 search needs at least 2 sampler runs, got {max_runs}")
+        raise EditLabError(f"the t0 search needs at least 2 sampler runs, got {max_runs}")
     trials: list[tuple[float, float]] = []
 
     def trial(t0: float) -> tuple[object, float]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_checks import assert_models_differ
 
 IP2P_WORKFLOWS = ["InstructPix2Pix - edit a photo (dual CFG)", "InstructPix2Pix - scale sweep grid (s_I x s_T)",
                   "Dual CFG - prompt vs extra condition balance"]
@@ -38,7 +39,7 @@ def ip2p_checkpoint(engine) -> Path:
 
     path = engine.root / "models" / "checkpoints" / IP2P_CHECKPOINT
     if not path.exists():
-        random_models.build_sd15_checkpoint(path, seed=1, in_channels=8, dtype=torch.float32)
+        random_models.build_sd15_checkpoint(path, seed=random_models.weight_seed(1), in_channels=8, dtype=torch.float32)
     folder_paths.filename_list_cache.clear()  # ComfyUI caches folder listings
     rng = np.random.default_rng(1)
     from PIL import Image
@@ -294,6 +295,7 @@ def test_dual_cfg_workflows_run_end_to_end(engine, ip2p_checkpoint, name):
 
 
 def test_non_ip2p_model_with_image_conditioning_names_the_expected_model_type(engine, sd15, levels, ip2p):
+    assert_models_differ(sd15[0], ip2p[0], every_random_tensor=True)  # two seeds
     from editlab.headless.runner import RunError
     with pytest.raises(ValueError, match=r"SD15_instructpix2pix or SDXL_instructpix2pix"):
         combiner(sd15[0], levels)
@@ -323,7 +325,7 @@ def test_sdxl_based_edit_model_works_with_the_combiner(engine, ip2p, photo):
     the combiner accepts it and equals ComfyUI's DualCFGGuider on it."""
     import comfy_extras.nodes_custom_sampler as cs
     import random_models
-    model = random_models.tiny_sdxl_model(seed=2, in_channels=8)
+    model = random_models.tiny_sdxl_model(seed=random_models.weight_seed(2), in_channels=8)
     assert type(model.model).__name__ == "SDXL_instructpix2pix"
     _, _, vae = ip2p
     with torch.inference_mode():
@@ -341,3 +343,44 @@ def test_sdxl_based_edit_model_works_with_the_combiner(engine, ip2p, photo):
                         levels[3], sigmas)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, native, rtol=1e-4, atol=1e-4)
+
+
+# -- model patches: pre-CFG functions are applied as ComfyUI's own sampling does -------------------
+
+def test_pre_cfg_patches_are_applied_to_the_three_predictions(ip2p, levels):
+    """A pre-CFG function sees [both, neither, base_only] with cond_scale = s_T, as ComfyUI passes a
+    guider's predictions, and its output is what gets combined. By hand: a patch that replaces the 'both'
+    prediction by 'base_only' removes the instruction term, i.e. equals s_T = 0 without the patch; at
+    s_I = s_T = 1 it equals the plain 'image only' prediction (no prediction may be skipped then)."""
+    import comfy_extras.nodes_custom_sampler as cs
+    model = ip2p[0]
+    both, image_only, neither, latent = levels
+    sigmas = schedule(model)
+    seen = []
+
+    def drop_instruction(args):
+        out = args["conds_out"]
+        seen.append((len(out), args["cond_scale"], [c is None for c in args["conds"]]))
+        return [out[2], out[1], out[2]]
+
+    patched = model.clone()
+    patched.set_model_sampler_pre_cfg_function(drop_instruction)
+    ours = run_guider(combiner(patched, levels, 7.5, 1.5), latent, sigmas)
+    assert seen and all(s == (3, 7.5, [False, False, False]) for s in seen)
+    by_hand = run_guider(combiner(model, levels, 0.0, 1.5), latent, sigmas)
+    torch.testing.assert_close(ours, by_hand, rtol=1e-4, atol=1e-4)  # batch-composition round-off
+    assert not torch.allclose(ours, run_guider(combiner(model, levels, 7.5, 1.5), latent, sigmas), atol=1e-3)
+    unit = run_guider(combiner(patched, levels, 1.0, 1.0), latent, sigmas)
+    plain_image_only = run_guider(cs.CFGGuider().get_guider(model, image_only, neither, 1.0)[0], latent, sigmas)
+    torch.testing.assert_close(unit, plain_image_only, rtol=1e-4, atol=1e-4)
+
+
+def test_comfyuis_apg_patch_changes_the_dual_cfg_result(ip2p, levels):
+    """ComfyUI's APG node (a pre-CFG patch) is no longer skipped silently."""
+    import comfy_extras.nodes_apg as apg
+    model = ip2p[0]
+    sigmas = schedule(model)
+    patched = apg.APG.execute(model, eta=0.0, norm_threshold=0.0, momentum=0.0).result[0]
+    plain = run_guider(combiner(model, levels), levels[3], sigmas)
+    with_apg = run_guider(combiner(patched, levels), levels[3], sigmas)
+    assert torch.isfinite(with_apg).all() and not torch.allclose(plain, with_apg, atol=1e-3)

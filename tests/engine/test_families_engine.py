@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_checks import assert_models_differ
 
 
 def node(node_id: str):
@@ -29,7 +30,7 @@ def sample(model, positive, negative, noise, sampler, sigmas, latent, cfg=5.0):
 @pytest.fixture(scope="module")
 def sdxl(engine):
     import random_models
-    model = random_models.tiny_sdxl_model(seed=0)
+    model = random_models.tiny_sdxl_model(seed=random_models.weight_seed())
     g = torch.Generator().manual_seed(1)
     pos = [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
     neg = [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
@@ -116,6 +117,8 @@ def test_lora_composes_with_sdedit_and_inversion(engine, sd15, lora_model):
     import nodes
     from editlab.samplers.inversion import psnr
     base, clip, vae = sd15
+    # The LoRA changes exactly the cross-attention projections it targets (and nothing else).
+    assert assert_models_differ(base, lora_model) == len(lora_model.patches) > 0
     with torch.inference_mode():
         pos = nodes.CLIPTextEncode().encode(clip, "a red boat")[0]
         neg = nodes.CLIPTextEncode().encode(clip, "")[0]

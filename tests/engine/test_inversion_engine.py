@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from model_checks import assert_models_differ
 
 STEPS = 5
 
@@ -112,6 +113,7 @@ def test_schedule_and_model_mismatch_are_refused(setup):
     other = s["model"].clone()
     key = next(k for k in other.model.state_dict() if k.endswith("out.2.weight"))
     other.add_patches({key: (torch.ones_like(other.model.state_dict()[key]) * 1e-3,)}, 1.0)
+    assert assert_models_differ(s["model"], other) == 1  # only the patched weight
     with pytest.raises(ValueError, match="another model"):
         call("EditLabInversionGuider", model=other, inversion=s["inv"], positive=s["src"], negative=s["empty"],
              cfg=7.5, mode="direct", check_model=True)
@@ -142,7 +144,8 @@ def test_null_text_leaves_the_model_untouched_and_cancels_cleanly(setup):
 def test_save_and_load_round_trip_and_bad_files(setup, tuned, engine):
     import folder_paths
     s = setup
-    (name,) = call("EditLabSaveInversion", inversion=tuned, filename_prefix="../../escape/attempt", source_prompt="a lake")
+    (name,) = call("EditLabSaveInversion", inversion=tuned, filename_prefix="../../escape/attempt", source_prompt="a lake",
+                   naming="numbered")
     assert name.startswith("output/attempt_") and name.endswith(".safetensors")
     path = os.path.join(folder_paths.get_output_directory(), "inversions", name.split("/", 1)[1])
     assert os.path.isfile(path) and not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")]
@@ -160,7 +163,7 @@ def test_save_and_load_round_trip_and_bad_files(setup, tuned, engine):
         fh.write(b"\x00garbage")
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, os.path.join(folder, "foreign.safetensors"))
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="corrupt.safetensors is not a readable safetensors"):
         call("EditLabLoadInversion", inversion="input/corrupt.safetensors", model=s["model"])
     with pytest.raises(ValueError, match="not an EditLab inversion"):
         call("EditLabLoadInversion", inversion="input/foreign.safetensors", model=s["model"])
@@ -199,3 +202,175 @@ def test_real_photo_p2p_edit_with_direct_inversion_reconstructs_the_source_row(e
     rows = result.node_output(sampled)[0][0]["samples"]
     assert value > 90, value
     assert rows.shape[0] == 2 and not torch.allclose(rows[0], rows[1], atol=1e-3)
+
+
+# -- audit regressions ------------------------------------------------------------------------------------
+
+def sample_with(guider, sigmas, latent, sampler="euler"):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
+    with torch.inference_mode():
+        return cs.SamplerCustomAdvanced().sample(cs.Noise_EmptyNoise(), guider, comfy.samplers.sampler_object(sampler),
+                                                 sigmas, latent)[0]["samples"]
+
+
+def test_a_tail_of_the_schedule_starts_from_the_inversions_latent_at_its_first_sigma(setup):
+    """SplitSigmas' low half of the inversion's schedule: the guider starts it from the pivot at that level,
+    not from x_T (which belongs to sigma_max)."""
+    import comfy_extras.nodes_custom_sampler as cs
+    from editlab.samplers.inversion import psnr
+    s = setup
+    high, low = cs.SplitSigmas().get_sigmas(s["sigmas"], 2)
+    assert len(low) == STEPS - 1 and float(low[-1]) == 0.0
+    (guider,) = call("EditLabInversionGuider", model=s["model"], inversion=s["inv"], positive=s["src"],
+                     negative=s["empty"], cfg=1.0, mode="plain", check_model=True)
+    with torch.inference_mode():
+        level = {"samples": s["model"].model.process_latent_out(s["inv"].trajectory[2].clone())}
+    from_noise = sample_with(guider, low, s["noise"])
+    from_level = sample_with(guider, low, level)
+    torch.testing.assert_close(from_noise, from_level)
+    _, p_full = replay(s, s["inv"], "plain", cfg=1.0)
+    p_tail = psnr(from_noise[:1], s["latent"]["samples"])
+    assert p_tail > p_full, (p_tail, p_full)  # 3 steps from the exact pivot drift less than all 5 from x_T
+    # An edit batch [source, target] from x_T: every row starts at the level.
+    two = {"samples": s["noise"]["samples"].repeat(2, 1, 1, 1)}
+    rows = sample_with(guider, low, two)
+    torch.testing.assert_close(rows[1:], from_level, atol=1e-4, rtol=1e-4)  # batched vs single-row numerics
+    # The high half (not ending at 0) and a latent that is neither x_T nor the level are refused.
+    with pytest.raises(ValueError, match="not a tail of it ending at 0"):
+        sample_with(guider, high, s["noise"])
+    other = {"samples": s["noise"]["samples"] + 0.5}
+    with pytest.raises(ValueError, match="tail of the inversion's: it starts at step 2 of 5.*row 0"):
+        sample_with(guider, low, other)
+
+
+def _lora(model, keys, seed):
+    g = torch.Generator().manual_seed(seed)
+    sd = model.model.state_dict()
+    clone = model.clone()
+    clone.add_patches({k: (torch.randn(sd[k].shape, generator=g) * 1e-2,) for k in keys}, 1.0)
+    return clone
+
+
+def test_fingerprint_covers_every_weight_and_patch_and_is_cached(setup, monkeypatch):
+    import copy
+    from editlab.nodes import fingerprint as fp
+    s = setup
+    base = s["model"]
+    assert fp.model_identity(base) == fp.model_identity(base) == fp.model_identity(base.clone()) == s["inv"].model_id
+    # One attention weight x3, in a model object of its own (as a second checkpoint file would load).
+    scaled = base.clone()
+    with torch.inference_mode():
+        scaled.model = copy.deepcopy(base.model)
+        key = next(k for k in scaled.model.state_dict() if k.endswith("attn1.to_q.weight"))
+        scaled.model.state_dict()[key].mul_(3.0)
+    assert assert_models_differ(base, scaled) == 1
+    assert fp.model_identity(scaled) != fp.model_identity(base)
+    with pytest.raises(ValueError, match="another model"):
+        call("EditLabInversionGuider", model=scaled, inversion=s["inv"], positive=s["src"], negative=s["empty"],
+             cfg=7.5, mode="direct", check_model=True)
+    # Two different LoRAs on the same keys at the same strength.
+    keys = [k for k in base.model.state_dict() if k.endswith("attn2.to_k.weight")][:2]
+    lora_a, lora_b = _lora(base, keys, 1), _lora(base, keys, 2)
+    assert assert_models_differ(lora_a, lora_b) == len(keys)
+    id_a, id_b = fp.model_identity(lora_a), fp.model_identity(lora_b)
+    assert len({id_a, id_b, fp.model_identity(base)}) == 3
+    # The id does not depend on whether the model is loaded with its patches applied in place.
+    (inv_a, _, _) = call("EditLabDDIMInvert", model=lora_a, positive=s["src"], latent=s["latent"], steps=2,
+                         scheduler="ddim_uniform", guidance=1.0, input_scaling="reference")
+    assert inv_a.model_id == id_a
+    fp._weights_cache.clear()
+    fp._patches_cache.clear()
+    fp._sampling_cache.clear()
+    assert (fp.model_identity(lora_a), fp.model_identity(base)) == (id_a, s["inv"].model_id)
+    with pytest.raises(ValueError, match="another model"):
+        call("EditLabInversionGuider", model=lora_b, inversion=inv_a, positive=s["src"], negative=s["empty"],
+             cfg=7.5, mode="direct", check_model=True)
+    # Cached: a second call (or a clone: same module, same patches) hashes no tensor again.
+    def no_hashing(_t):
+        raise AssertionError("hashed a tensor again")
+    monkeypatch.setattr(fp, "_tensor_digest", no_hashing)
+    assert fp.model_identity(lora_a) == fp.model_identity(lora_a.clone()) == id_a
+    assert fp.model_identity(base) == s["inv"].model_id
+
+
+def test_flow_matching_models_are_refused_before_any_work(setup, monkeypatch):
+    import comfy.samplers
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    s = setup
+    (flow,) = ModelSamplingSD3().patch(s["model"], shift=3.0)
+
+    def no_sampling(*_a, **_k):
+        raise AssertionError("sampling started")
+    monkeypatch.setattr(comfy.samplers.CFGGuider, "sample", no_sampling)
+    refused = r"{}: the model \(BaseModel, model sampling ModelSamplingDiscreteFlow/CONST\) is a flow-matching model"
+    with pytest.raises(ValueError, match=refused.format("DDIM Invert")):
+        call("EditLabDDIMInvert", model=flow, positive=s["src"], latent=s["latent"], steps=2, scheduler="ddim_uniform",
+             guidance=1.0, input_scaling="reference")
+    with pytest.raises(ValueError, match=refused.format("Null-Text Optimize")):
+        call("EditLabNullTextOptimize", model=flow, inversion=s["inv"], negative=s["empty"], guidance=7.5,
+             inner_steps=1, early_stop=1e-5, early_stop_slope=2e-5, learning_rate=1e-2, check_model=False)
+    with pytest.raises(ValueError, match=refused.format("Inversion Guider")):
+        call("EditLabInversionGuider", model=flow, inversion=s["inv"], positive=s["src"], negative=s["empty"],
+             cfg=7.5, mode="direct", check_model=False)
+
+
+def test_unknown_choices_are_refused_at_queue_time_and_where_used(engine, setup):
+    from editlab.headless.runner import RunError
+    s = setup
+    prompt = engine.prompt("Inversion - invert once and save", input_scaling="bogus", steps=2, inner_steps=1)
+    with pytest.raises(RunError, match="input_scaling: 'bogus' is not one of"):
+        engine.run(prompt)
+    invert = dict(model=s["model"], positive=s["src"], latent=s["latent"], steps=2, scheduler="ddim_uniform",
+                  guidance=1.0, input_scaling="reference")
+    with pytest.raises(ValueError, match=r"input_scaling: 'bogus' is not one of \['reference', 'k-space'\]"):
+        call("EditLabDDIMInvert", **{**invert, "input_scaling": "bogus"})
+    with pytest.raises(ValueError, match="scheduler: 'bogus' is not one of"):
+        call("EditLabDDIMInvert", **{**invert, "scheduler": "bogus"})
+    with pytest.raises(ValueError, match="mode: 'bogus' is not one of"):
+        call("EditLabInversionGuider", model=s["model"], inversion=s["inv"], positive=s["src"], negative=s["empty"],
+             cfg=7.5, mode="bogus", check_model=True)
+    with pytest.raises(ValueError, match="naming: 'bogus' is not one of"):
+        call("EditLabSaveInversion", inversion=s["inv"], filename_prefix="x", source_prompt="", naming="bogus")
+
+
+def test_save_refuses_a_long_prefix_and_load_names_a_truncated_file(setup, engine):
+    import folder_paths
+    s = setup
+    out = os.path.join(folder_paths.get_output_directory(), "inversions")
+    before = set(os.listdir(out)) if os.path.isdir(out) else set()
+    with pytest.raises(ValueError, match="filename_prefix is too long: 300 characters"):
+        call("EditLabSaveInversion", inversion=s["inv"], filename_prefix="x" * 300, source_prompt="")
+    assert (set(os.listdir(out)) if os.path.isdir(out) else set()) == before  # nothing written, no temp file
+    (name,) = call("EditLabSaveInversion", inversion=s["inv"], filename_prefix="whole", source_prompt="")
+    with open(os.path.join(out, name.split("/", 1)[1]), "rb") as fh:
+        data = fh.read()
+    folder = os.path.join(folder_paths.get_input_directory(), "inversions")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "truncated.safetensors"), "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.safetensors"):
+        call("EditLabLoadInversion", inversion="input/truncated.safetensors", model=s["model"])
+
+
+def test_save_under_a_stable_name_by_default_and_old_workflows_still_load(setup, engine):
+    import folder_paths
+    s = setup
+    (first,) = call("EditLabSaveInversion", inversion=s["inv"], filename_prefix="stable", source_prompt="one")
+    (second,) = call("EditLabSaveInversion", inversion=s["inv"], filename_prefix="stable", source_prompt="two")
+    assert first == second == "output/stable.safetensors"
+    loaded, _, _ = call("EditLabLoadInversion", inversion=second, model=s["model"])
+    assert loaded.meta["source_prompt"] == "two"  # replaced
+    numbered = [call("EditLabSaveInversion", inversion=s["inv"], filename_prefix="kept", source_prompt="",
+                     naming="numbered")[0] for _ in range(2)]
+    assert numbered == ["output/kept_00001.safetensors", "output/kept_00002.safetensors"]
+    # A workflow saved before the 'naming' widget existed (three widget values) converts and runs.
+    from editlab.headless.convert import convert
+    workflow = engine.workflow("Inversion - invert once and save")
+    save = next(n for n in workflow["nodes"] if n["type"] == "EditLabSaveInversion")
+    save["widgets_values"] = ["old", save["widgets_values"][1]]  # filename_prefix, source_prompt: no naming
+    prompt = convert(workflow, engine.runner.definitions())
+    for node in prompt.values():
+        node["inputs"].update({k: v for k, v in {"steps": 2, "inner_steps": 1}.items() if k in node["inputs"]})
+    engine.run(prompt)
+    assert os.path.isfile(os.path.join(folder_paths.get_output_directory(), "inversions", "old.safetensors"))

@@ -192,3 +192,97 @@ def test_bad_inputs_fail_with_clear_messages(engine, sd15, guide, conds):
     with pytest.raises(RunError, match=r"missing.safetensors.*searched .*checkpoints"):
         engine.run(prompt)
     assert load  # the photo loader exists in the masked workflow
+
+
+# -- flow-matching models are refused before any work (issue: SD3 / Flux) ----------------------------
+
+@pytest.fixture()
+def flow(sd15):
+    """The SD1.5 test model given rectified-flow sampling (ComfyUI's ModelSamplingSD3), counting UNet calls."""
+    import comfy_extras.nodes_model_advanced as adv
+    from editlab.nodes.common import is_k_space
+    model = adv.ModelSamplingSD3().patch(sd15[0], 3.0)[0]
+    assert is_k_space(sd15[0].get_model_object("model_sampling"))
+    assert not is_k_space(model.get_model_object("model_sampling"))  # two different parametrisations
+    calls = []
+
+    def wrapper(apply_model, args):
+        calls.append(float(args["timestep"].flatten()[0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(wrapper)
+    return model, calls
+
+
+def test_known_region_and_reverse_sde_samplers_refuse_flow_models_before_sampling(flow, guide, conds):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
+    model, calls = flow
+    latent, mask = guide
+    sigmas = cs.BasicScheduler().get_sigmas(model, "simple", 3, 1.0)[0]
+    (known,) = call("EditLabKnownRegionSampler", sampler=comfy.samplers.sampler_object("euler"),
+                    mask_convention="1 = regenerate (ComfyUI)", known_noise="same", replace_on="x_t", seed=0,
+                    mask=mask, guide=latent)
+    with pytest.raises(ValueError, match=r"Known-Region sampler.*rectified flow: SD3, Flux"):
+        sample(model, conds, cs.Noise_RandomNoise(0), known, sigmas, latent)
+    (reverse,) = call("EditLabReverseSDESampler", mode="stochastic", seed=0, repeat=1)
+    with pytest.raises(ValueError, match=r"Reverse SDE sampler.*rectified flow: SD3, Flux"):
+        sample(model, conds, cs.Noise_RandomNoise(0), reverse, sigmas, latent)
+    assert calls == []  # refused before the first model evaluation
+    # The same flow model samples fine with the native sampler (the refusal is about the model family only).
+    sample(model, conds, cs.Noise_RandomNoise(0), comfy.samplers.sampler_object("euler"), sigmas, latent)
+    assert calls  # the counter sees model evaluations: the empty list above is meaningful
+
+
+def test_perturb_and_t0_search_refuse_flow_models_before_any_work(flow, guide, conds):
+    model, calls = flow
+    decoded = []
+
+    class SpyVAE:
+        def decode(self, samples):
+            decoded.append(samples.shape)
+            raise AssertionError("the guide was decoded before the model was checked")
+
+    with pytest.raises(ValueError, match=r"SDE Perturb.*rectified flow"):
+        call("EditLabSDEPerturb", model=model, latent=guide[0], t0=0.5, steps=3, scheduler="normal", seed=0)
+    (inner,) = call("EditLabReverseSDESampler", mode="stochastic", seed=0, repeat=1)
+    with pytest.raises(ValueError, match=r"t0 Search.*rectified flow"):
+        call("EditLabSDEditT0Search", model=model, positive=conds[0], negative=conds[1], sampler=inner,
+             guide=guide[0], budget=0.1, cfg=5.0, steps=2, scheduler="normal", seed=0, max_runs=2, t0_min=0.2,
+             t0_max=0.8, vae=SpyVAE())
+    assert calls == [] and decoded == []
+
+
+# -- choices reaching execute through a link (or an unchecked API prompt) are refused ----------------
+
+def test_unknown_choices_are_refused_at_execute_instead_of_falling_back(sd15, guide, conds):
+    import comfy.samplers
+    latent, mask = guide
+    with pytest.raises(ValueError, match=r"mode: 'Deterministic' is not one of \['stochastic', 'deterministic'\]"):
+        call("EditLabReverseSDESampler", mode="Deterministic", seed=0, repeat=1)
+    euler = comfy.samplers.sampler_object("euler")
+    good = dict(sampler=euler, mask_convention="1 = keep (GLIDE)", known_noise="fresh", replace_on="both", seed=0,
+                mask=mask, guide=latent)
+    for name, bad in (("mask_convention", "1 = keep"), ("known_noise", "new"), ("replace_on", "x")):
+        with pytest.raises(ValueError, match=rf"{name}: {bad!r} is not one of"):
+            call("EditLabKnownRegionSampler", **{**good, name: bad})
+    (inner,) = call("EditLabReverseSDESampler", mode="stochastic", seed=0, repeat=1)
+    with pytest.raises(ValueError, match=r"scheduler: 'cosine' is not one of"):
+        call("EditLabSDEditT0Search", model=sd15[0], positive=conds[0], negative=conds[1], sampler=inner,
+             guide=latent, budget=0.1, cfg=5.0, steps=2, scheduler="cosine", seed=0, max_runs=2, t0_min=0.2,
+             t0_max=0.8)
+
+
+# -- progress over repeat rounds ----------------------------------------------------------------------
+
+def test_repeat_rounds_count_on_comfyuis_progress_bar(sd15, guide, conds, monkeypatch):
+    """With repeat = 2 and 3 steps the bar runs 1..6 of 6 (previews included), never back to the start."""
+    import comfy.utils
+    import comfy_extras.nodes_custom_sampler as cs
+    model = sd15[0]
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: seen.append((value, total)))
+    noised, sigmas = call("EditLabSDEPerturb", model=model, latent=guide[0], t0=0.5, steps=3, scheduler="normal", seed=0)
+    (sampler,) = call("EditLabReverseSDESampler", mode="stochastic", seed=0, repeat=2)
+    sample(model, conds, cs.Noise_EmptyNoise(), sampler, sigmas, noised)
+    assert seen == [(i, 6) for i in range(1, 7)], seen

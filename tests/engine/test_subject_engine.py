@@ -119,6 +119,34 @@ def test_bad_inputs(sd15, subject):
     assert torch.allclose(mixed.embeds, subject.embeds) and mixed.class_word == "dog"
 
 
+def test_loader_is_confined_to_the_registered_folders(engine, subject_folder, tmp_path):
+    """Every folder name resolves (realpath) inside a registered blip_diffusion folder. Policy: a symlink
+    is followed, and accepted only when its target also lies inside a registered folder."""
+    import shutil
+
+    from editlab.nodes.subject import subject_folders
+    base = engine.root / "models" / "blip_diffusion"
+    outside = tmp_path / "elsewhere" / "release"
+    shutil.copytree(base / subject_folder, outside)  # a complete release folder, outside every registered one
+    escape, alias = base / "editlab_escape", base / "editlab_alias"
+    escape.symlink_to(outside, target_is_directory=True)
+    alias.symlink_to(base / subject_folder, target_is_directory=True)
+    try:
+        refused = [f"../blip_diffusion/{subject_folder}", f"../../models/blip_diffusion/{subject_folder}",
+                   f"{subject_folder}/../{subject_folder}", str(outside), str(base / subject_folder), "/", "..",
+                   "", escape.name]
+        for name in refused:
+            with pytest.raises(ValueError, match="blip_diffusion") as err:
+                call("EditLabSubjectEncoderLoader", folder=name)
+            assert repr(name) in str(err.value), name
+        assert escape.name not in subject_folders() and alias.name in subject_folders()
+        (loaded,) = call("EditLabSubjectEncoderLoader", folder=alias.name)  # resolves inside: allowed
+        assert loaded.width == 768
+    finally:
+        escape.unlink()
+        alias.unlink()
+
+
 def test_workflow_runs(engine, subject_folder):
     prompt = engine.prompt(WORKFLOW, **FAST)
     result = engine.run(prompt)
@@ -188,7 +216,7 @@ def test_subject_edit_local_blend_keeps_the_outside_of_the_subject(sd15, subject
         sigmas = cs.BasicScheduler().get_sigmas(model, "normal", 4, 1.0)[0]
         out = cs.SamplerCustomAdvanced().sample(cs.Noise_RandomNoise(5), guider, comfy.samplers.sampler_object("euler"),
                                                 sigmas, latent)[0]["samples"]
-    mask = controlled.model_options["transformer_options"]["editlab_p2p"].last_maps["mask"]
+    mask = controlled.model_options["transformer_options"]["editlab_p2p"].maps_for(out).mask
     outside = (mask[1, 0] == 0).expand_as(out[1])
     assert outside.any() and (~outside).any()
     assert torch.equal(out[1][outside], out[0][outside])

@@ -21,7 +21,7 @@ def _ensure_checkpoints(engine, workflow: dict) -> None:
     if IP2P_CHECKPOINT in names:
         path = engine.root / "models" / "checkpoints" / IP2P_CHECKPOINT
         if not path.exists():
-            random_models.build_sd15_checkpoint(path, seed=1, in_channels=8, dtype=torch.float32)
+            random_models.build_sd15_checkpoint(path, seed=random_models.weight_seed(1), in_channels=8, dtype=torch.float32)
             folder_paths.filename_list_cache.clear()
     for n in workflow["nodes"]:
         if n["type"] == "ControlNetLoader":

@@ -1,4 +1,4 @@
-"""Dual CFG combiner arithmetic, schedules and rescale (METHODS.md §6)."""
+"""Dual CFG combiner arithmetic, schedules and rescale (docs/methods.md §6)."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from editlab.errors import EditLabError
 from editlab.guidance.dual_cfg import (
     DualCFG,
-    DualCFGInputError,
     ScaleSchedule,
     dual_cfg,
     from_v,
@@ -148,9 +148,9 @@ def test_combiner_rescale_is_taken_in_v_space_against_the_full_condition():
 
 
 def test_bad_settings_say_what_to_do():
-    with pytest.raises(DualCFGInputError, match="rescale must be in"):
+    with pytest.raises(EditLabError, match="rescale must be in"):
         DualCFG(ScaleSchedule(1, 1), ScaleSchedule(1, 1), rescale=1.5)
-    with pytest.raises(DualCFGInputError, match="choose one of"):
+    with pytest.raises(EditLabError, match="choose one of"):
         ScaleSchedule(1.0, 2.0, "exponential")
-    with pytest.raises(DualCFGInputError, match="finite"):
+    with pytest.raises(EditLabError, match="finite"):
         ScaleSchedule(float("nan"), 2.0)

@@ -1,4 +1,4 @@
-"""DDIM inversion and null-text optimisation against analytic denoisers and a tiny network (METHODS.md §3-4)."""
+"""DDIM inversion and null-text optimisation against analytic denoisers and a tiny network (docs/methods.md §3-4)."""
 from __future__ import annotations
 
 import math
@@ -6,19 +6,17 @@ import math
 import pytest
 import torch
 
+from editlab.errors import EditLabError
 from editlab.samplers.inversion import (
     Inversion,
-    InversionError,
-    NullTextConfig,
     ddim_invert,
     ddpm,
     euler_step,
     invert_step,
     landing_denoised,
-    optimize_null_text,
     psnr,
-    secant_step_factor,
 )
+from editlab.samplers.null_text import NullTextConfig, optimize_null_text, secant_step_factor
 
 # SD1.x's training schedule (scaled-linear betas), to build realistic sigma levels.
 BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
@@ -204,15 +202,15 @@ def test_inversion_round_trips_through_its_state_and_refuses_foreign_or_broken_d
     back = Inversion.from_state(tensors, meta)
     assert torch.equal(back.trajectory, inv.trajectory) and torch.equal(back.null_embeddings, inv.null_embeddings)
     assert back.model_id == "abc" and back.meta == {"source_prompt": "a cat"}
-    with pytest.raises(InversionError, match="not an EditLab inversion"):
+    with pytest.raises(EditLabError, match="not an EditLab inversion"):
         Inversion.from_state(tensors, {"format": "something-else"})
-    with pytest.raises(InversionError, match="missing trajectory"):
+    with pytest.raises(EditLabError, match="missing trajectory"):
         Inversion.from_state({k: v for k, v in tensors.items() if k != "trajectory"}, meta)
     bad = dict(tensors, trajectory=tensors["trajectory"].clone())
     bad["trajectory"][0, 0, 0, 0, 0] = float("nan")
-    with pytest.raises(InversionError, match="NaN"):
+    with pytest.raises(EditLabError, match="NaN"):
         Inversion.from_state(bad, meta)
-    with pytest.raises(InversionError, match="null embeddings"):
+    with pytest.raises(EditLabError, match="null embeddings"):
         _inversion(null_embeddings=torch.randn(3, 1, 77, 768)).validate()
 
 
@@ -220,14 +218,14 @@ def test_schedule_checks():
     inv = _inversion()
     assert inv.check_schedule_matches(inv.sigmas) == 0
     assert inv.check_schedule_matches(inv.sigmas[2:]) == 2  # a tail of the schedule is fine
-    with pytest.raises(InversionError, match="does not match"):
+    with pytest.raises(EditLabError, match="does not match"):
         inv.check_schedule_matches(inv.sigmas * 1.1)
-    with pytest.raises(InversionError, match="not a level"):
+    with pytest.raises(EditLabError, match="not a level"):
         inv.step_index(0.123)
     assert inv.step_index(float(inv.sigmas[3])) == 3
-    with pytest.raises(InversionError, match="at least one step"):
+    with pytest.raises(EditLabError, match="at least one step"):
         ddim_invert(point_mass(torch.zeros(1)), torch.zeros(1, 1, 1, 1), torch.tensor([0.0]))
-    with pytest.raises(InversionError, match="end at sigma 0"):
+    with pytest.raises(EditLabError, match="end at sigma 0"):
         ddim_invert(point_mass(torch.zeros(1)), torch.zeros(1, 1, 1, 1), torch.tensor([2.0, 1.0]))
 
 
@@ -258,7 +256,7 @@ def _weak_text_model(scale: float):
 
 
 def test_fp16_models_are_loss_scaled_so_the_null_still_learns(monkeypatch):
-    from editlab.samplers import inversion
+    from editlab.samplers import null_text
     eps, cond, empty, traj, sigmas = _weak_text_model(1e-7)
     config = NullTextConfig(guidance=7.5, inner_steps=3, lr=2e-2, epsilon=0.0, epsilon_slope=0.0)
 
@@ -279,7 +277,7 @@ def test_fp16_models_are_loss_scaled_so_the_null_still_learns(monkeypatch):
     assert d16.abs().max() > 1e-3  # the null moved ...
     assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.9  # ... the way the fp32 run moves it
     # Without the scale most of the fp16 gradient underflows to zero: those entries of the null never move.
-    monkeypatch.setattr(inversion, "FP16_LOSS_SCALE", 1.0)
+    monkeypatch.setattr(null_text, "FP16_LOSS_SCALE", 1.0)
     n16_plain, _ = run(torch.float16)
 
     def frozen(n):
@@ -353,3 +351,33 @@ def test_secant_correction_also_helps_through_a_nonlinear_text_path():
     runs = _secant_runs(1e-2, inner=6, net_cls=TinyUNet)  # tanh(conv + text): the residual is not affine
     assert sum(runs[True][1].losses) < 0.2 * sum(runs[False][1].losses)
 
+
+
+# -- audit regressions --------------------------------------------------------------------------------------
+
+def test_a_head_of_the_schedule_is_refused_with_the_reason_and_a_tail_gives_its_start():
+    inv = _inversion()
+    assert inv.check_schedule_matches(inv.sigmas[3:]) == 3
+    with pytest.raises(EditLabError, match="not a tail of it ending at 0.*SplitSigmas"):
+        inv.check_schedule_matches(inv.sigmas[:3])  # SplitSigmas' high half
+
+
+def test_an_unknown_input_scaling_is_refused():
+    with pytest.raises(EditLabError, match=r"input_scaling: 'bogus' is not one of \['reference', 'k-space'\]"):
+        ddim_invert(point_mass(torch.zeros(1, 1, 1, 1)), torch.zeros(1, 1, 1, 1), ddim_sigmas(5), scaling="bogus")
+
+
+def test_a_broken_inversion_file_is_named_in_the_error():
+    tensors, meta = _inversion().to_state()
+    bad = dict(tensors, trajectory=tensors["trajectory"][:3])
+    with pytest.raises(EditLabError, match=r"^in/x.safetensors: trajectory shape \(3, 1, 4, 8, 8\) does not match 6"):
+        Inversion.from_state(bad, meta, where="in/x.safetensors")
+    with pytest.raises(EditLabError, match="^in/x.safetensors: not an EditLab inversion"):
+        Inversion.from_state(tensors, {}, where="in/x.safetensors")
+
+
+def test_null_text_helpers_are_the_papers_schedule():
+    from editlab.samplers.null_text import early_stop_threshold, learning_rate
+    config = NullTextConfig()
+    assert early_stop_threshold(config, 0) == 1e-5 and early_stop_threshold(config, 10) == pytest.approx(2.1e-4)
+    assert learning_rate(config, 0) == 1e-2 and learning_rate(config, 49) == pytest.approx(1e-2 * 0.51)

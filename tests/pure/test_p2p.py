@@ -1,4 +1,4 @@
-"""Prompt-to-Prompt controller maths against the paper's formulas on synthetic q/k/v (METHODS.md §5).
+"""Prompt-to-Prompt controller maths against the paper's formulas on synthetic q/k/v (docs/methods.md §5).
 
 The reference formulas are written out here on explicit attention probabilities, independently of the
 controller's fused-kernel implementation, and every mode is compared with them.
@@ -14,7 +14,8 @@ import torch
 from editlab.guidance.p2p import (
     ControlSettings,
     P2PController,
-    P2PInputError,
+    MapsRecord,
+    Step,
     attention_probs,
     basic_attention,
     blend_active,
@@ -25,7 +26,9 @@ from editlab.guidance.p2p import (
     cross_alpha,
     self_replace_active,
     step_index,
+    step_of,
 )
+from editlab.errors import EditLabError
 from fake_tokenizer import BOS, EOS, FakeTokenizer
 
 HEADS, DIM, PIX, L = 2, 4, 16, 77
@@ -36,11 +39,21 @@ def spec_for(prompts, mode="replace", **kw):
     return build_edit_spec(prompts, mode, FakeTokenizer(), bos=BOS, eos=EOS, **kw)
 
 
+class AtStep:
+    """A controller whose attention calls all belong to step ``step`` of the 10-step SIGMAS schedule."""
+
+    def __init__(self, c: P2PController, step: int):
+        self.c, self.step = c, step_of(SIGMAS[step], SIGMAS)
+
+    def cross(self, q, k, v, heads, layout, attention, run=None):
+        return self.c.cross(q, k, v, heads, layout, self.step, attention, run)
+
+    def self_attention(self, q, k, v, heads, layout, attention):
+        return self.c.self_attention(q, k, v, heads, layout, self.step, attention)
+
+
 def controller(spec, step=0, **settings):
-    c = P2PController(spec, ControlSettings(**settings), levels=[1, 2])
-    c.begin_run(spec.rows, (4, 4), SIGMAS)
-    c.begin_forward(SIGMAS[step])
-    return c
+    return AtStep(P2PController(spec, ControlSettings(**settings), levels=[1, 2]), step)
 
 
 def qkv(batch, pixels=PIX, keys=L, seed=0):
@@ -212,18 +225,54 @@ def test_self_attention_replacement_only_at_small_layers_and_inside_its_window()
 def test_maps_are_stored_only_at_the_chosen_resolution_and_only_for_conditional_rows():
     spec = spec_for(["a photo of a cat", "a photo of a dog"], blend_words=["cat", "dog"])
     c = P2PController(spec, ControlSettings(map_size=4), levels=[1, 2])
-    c.begin_run(2, (8, 8), SIGMAS)  # levels: 8x8 (64 tokens) and 4x4 (16 tokens): 4 is nearest map_size 4
-    c.begin_forward(SIGMAS[0])
-    assert c.state.grid == (4, 4)
+    run = c.new_run(2, (8, 8))  # levels: 8x8 (64 tokens) and 4x4 (16 tokens): 4 is nearest map_size 4
+    assert run.grid == (4, 4)
     q, k, v = qkv(4, pixels=64)
-    c.cross(q, k, v, HEADS, [1, 0], basic_attention)
-    assert c.state.maps is None
+    c.cross(q, k, v, HEADS, [1, 0], Step(0, 10), basic_attention, run)
+    assert run.maps is None
     q, k, v = qkv(4, pixels=16)
-    c.cross(q, k, v, HEADS, [1, 0], basic_attention)
+    c.cross(q, k, v, HEADS, [1, 0], Step(0, 10), basic_attention, run)
     expected = attention_probs(q[2:], k[2:], HEADS).mean(1)
-    torch.testing.assert_close(c.state.maps, expected)
-    c.end_run()
-    assert c.last_maps["maps"].shape == (2, 16, L) and c.last_maps["grid"] == (4, 4)
+    torch.testing.assert_close(run.maps, expected)
+    latent = torch.randn(2, 4, 8, 8)
+    record = c.finish(run, latent)
+    assert record.maps.shape == (2, 16, L) and record.grid == (4, 4)
+    assert c.maps_for(latent.clone()) is record  # found by the latent's values, not by the object
+
+
+def test_two_runs_of_one_controller_keep_their_own_maps_whatever_finished_last():
+    """Run state belongs to the run: interleaved runs do not mix their maps, and each output latent
+    finds the maps of the run that produced it."""
+    spec = spec_for(["a photo of a cat", "a photo of a dog"])
+    c = P2PController(spec, ControlSettings(map_size=4), levels=[1])
+    copy_of_c = copy.deepcopy(c)  # a downstream clone of the controlled model: the same controller
+    run_a, run_b = c.new_run(2, (4, 4)), copy_of_c.new_run(2, (4, 4))
+    qa, ka, va = qkv(2, pixels=16, seed=1)
+    qb, kb, vb = qkv(2, pixels=16, seed=2)
+    c.cross(qa, ka, va, HEADS, [0], Step(0, 10), basic_attention, run_a)
+    copy_of_c.cross(qb, kb, vb, HEADS, [0], Step(0, 10), basic_attention, run_b)
+    c.cross(qa, ka, va, HEADS, [0], Step(1, 10), basic_attention, run_a)
+    out_a, out_b = torch.zeros(2, 4, 4, 4), torch.ones(2, 4, 4, 4)
+    c.finish(run_a, out_a)
+    copy_of_c.finish(run_b, out_b)  # b finished last
+    torch.testing.assert_close(c.maps_for(out_a).maps, attention_probs(qa, ka, HEADS).mean(1))
+    torch.testing.assert_close(c.maps_for(out_b).maps, attention_probs(qb, kb, HEADS).mean(1))
+    assert run_a.map_calls == 2 and run_b.map_calls == 1
+    assert c.maps_for(out_a + 2) is None  # a latent no run produced
+    assert isinstance(c.maps_for(out_b), MapsRecord)
+
+
+def test_old_records_are_dropped_after_the_last_runs():
+    spec = spec_for(["a photo of a cat", "a photo of a dog"])
+    c = P2PController(spec, ControlSettings(map_size=4), levels=[1])
+    outs = []
+    for i in range(P2PController.RECORDS + 1):
+        run = c.new_run(2, (4, 4))
+        q, k, v = qkv(2, pixels=16, seed=i)
+        c.cross(q, k, v, HEADS, [0], Step(0, 10), basic_attention, run)
+        outs.append(torch.full((2, 4, 4, 4), float(i)))
+        c.finish(run, outs[-1])
+    assert c.maps_for(outs[0]) is None and all(c.maps_for(o) is not None for o in outs[1:])
 
 
 def test_blend_mask_follows_the_blend_words_and_unites_source_and_target():
@@ -266,42 +315,51 @@ def test_blended_denoised_makes_an_euler_step_land_on_the_blended_latent():
 def test_controller_blend_uses_the_current_step_and_start_blend():
     spec = spec_for(["a photo of a cat", "a photo of a dog"], blend_words=["cat", "dog"])
     c = P2PController(spec, ControlSettings(map_size=4, start_blend=0.2), levels=[2])
-    c.begin_run(2, (8, 8), SIGMAS)
+    run = c.new_run(2, (8, 8))
     x = torch.randn(2, 4, 8, 8)
     d = torch.randn(2, 4, 8, 8)
-    c.begin_forward(SIGMAS[0])
     q, k, v = qkv(4, pixels=16)
-    c.cross(q, k, v, HEADS, [0, 1], basic_attention)
-    assert torch.equal(c.blend(x, d, SIGMAS[0]), d)  # step 0 < start
-    c.begin_forward(SIGMAS[2])
-    out = c.blend(x, d, SIGMAS[2])
-    assert torch.equal(out[0], d[0]) and not torch.equal(out[1], d[1]) and c.state.mask is not None
+    c.cross(q, k, v, HEADS, [0, 1], Step(0, 10), basic_attention, run)
+    assert torch.equal(c.blend(run, x, d, SIGMAS[0], SIGMAS), d)  # step 0 < start
+    out = c.blend(run, x, d, SIGMAS[2], SIGMAS)
+    assert torch.equal(out[0], d[0]) and not torch.equal(out[1], d[1]) and run.mask is not None
+    # the step is read from the schedule it is given: SIGMAS[2] is step 0 of the tail SIGMAS[2:]
+    fresh = c.new_run(2, (8, 8))
+    c.cross(q, k, v, HEADS, [0, 1], Step(0, 8), basic_attention, fresh)
+    assert torch.equal(c.blend(fresh, x, d, SIGMAS[2], SIGMAS[2:]), d)
 
 
 def test_bad_batches_are_refused_with_the_fix():
     spec = spec_for(["a photo of a cat", "a photo of a dog"])
     c = P2PController(spec, ControlSettings(), levels=[1])
-    with pytest.raises(P2PInputError, match=r"latent batch is 3 but the edit has 2 prompts.*P2P Latent Batch"):
-        c.begin_run(3, (8, 8), SIGMAS)
-    with pytest.raises(P2PInputError, match="3 rows per conditioning but the edit has 2 prompts"):
+    with pytest.raises(EditLabError, match=r"latent batch is 3 but the edit has 2 prompts.*P2P Latent Batch"):
+        c.new_run(3, (8, 8))
+    with pytest.raises(EditLabError, match="3 rows per conditioning but the edit has 2 prompts"):
         chunk_layout(6, [0, 1], 2)
-    c.begin_run(2, (8, 8), SIGMAS)
-    c.begin_forward(SIGMAS[0])
     q, k, v = qkv(4, keys=70)
-    with pytest.raises(P2PInputError, match="70 tokens per row"):
-        c.cross(q, k, v, HEADS, [0, 1], basic_attention)
+    with pytest.raises(EditLabError, match="70 tokens per row"):
+        c.cross(q, k, v, HEADS, [0, 1], Step(0, 10), basic_attention, c.new_run(2, (8, 8)))
+    with pytest.raises(EditLabError, match="at least one step"):
+        step_of(1.0, [0.0])
 
 
-def test_the_controller_survives_deep_copies_and_resets_per_run():
+def test_the_controller_survives_deep_copies_and_holds_no_run_state():
     spec = spec_for(["a photo of a cat", "a photo of a dog"], blend_words=["cat"])
     c = P2PController(spec, ControlSettings(map_size=4), levels=[1])
     holder = {"transformer_options": {"p2p": c}}
     assert copy.deepcopy(holder)["transformer_options"]["p2p"] is c
-    c.begin_run(2, (4, 4), SIGMAS)
-    c.begin_forward(SIGMAS[3])
+    first = c.new_run(2, (4, 4))
     q, k, v = qkv(2, pixels=16)
-    c.cross(q, k, v, HEADS, [0], basic_attention)
-    assert c.state.map_calls == 1 and c.state.step == 3
-    c.begin_run(2, (4, 4), SIGMAS[:6])
-    assert c.state.map_calls == 0 and c.state.maps is None and c.state.steps == 5
-    assert math.isclose(c.state.sample_sigmas[0], 14.0)
+    c.cross(q, k, v, HEADS, [0], Step(3, 10), basic_attention, first)
+    second = c.new_run(2, (4, 4))
+    assert first.map_calls == 1 and second.map_calls == 0 and second.maps is None
+    # without a run (a model call outside a sampling run) the edit is applied and nothing is stored
+    plain = c.cross(q, k, v, HEADS, [0], Step(3, 10), basic_attention)
+    torch.testing.assert_close(plain, c.cross(q, k, v, HEADS, [0], Step(3, 10), basic_attention, second))
+
+
+def test_the_step_is_that_of_the_schedule_given():
+    assert step_of(SIGMAS[3], SIGMAS) == Step(3, 10)
+    assert step_of(SIGMAS[3], SIGMAS[3:]) == Step(0, 7)
+    assert step_of(3.0, SIGMAS) == Step(2, 10)  # an intermediate evaluation of step 2 (sigma 4 -> 2)
+    assert math.isclose(SIGMAS[0], 14.0)

@@ -1,4 +1,4 @@
-"""BLIP-Diffusion subject encoder (METHODS.md §7): loading the real on-disk layout, encoding, prompts, splicing."""
+"""BLIP-Diffusion subject encoder (docs/methods.md §7): loading the real on-disk layout, encoding, prompts, splicing."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+from editlab.errors import EditLabError
 from editlab.guidance import subject as S
-from random_subject_encoder import write_subject_encoder_folder
+from random_subject_encoder import release_key_shapes, tiny_configs, write_subject_encoder_folder
 
 WIDTH = 48  # a shrunken Q-Former width for the pure tier (the engine tier uses CLIP's 768)
 
@@ -32,15 +33,34 @@ def _encode(enc, images, word="dog"):
         return enc.model(S.preprocess(images, enc.preprocess), enc.class_ids(word))
 
 
-def test_real_layout_loads_with_no_missing_or_unexpected_keys(folder, encoder):
+def test_real_layout_loads_strictly(folder, encoder):
+    """The file is written from the release's own key list (tests/support, not from our module); the
+    loader (strict: it refuses any missing, unexpected or mis-shaped key) takes every tensor as it is."""
     from safetensors.torch import load_file
     on_disk = load_file(str(folder / "qformer" / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in on_disk.items()} == release_key_shapes(tiny_configs(WIDTH))
     assert "embeddings.position_ids" in on_disk  # transformers saves the buffer; we ignore it by name
-    assert set(S.convert_state_dict(on_disk)) == set(encoder.model.state_dict())
+    loaded = encoder.model.state_dict()
+    assert set(loaded) == set(on_disk) - {"embeddings.position_ids"}
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, on_disk[name]), name
     cfg = json.loads((folder / "qformer" / "config.json").read_text())
     assert {"vision_config", "qformer_config", "num_query_tokens"} <= set(cfg)
     assert encoder.model.config.num_query_tokens == 16
     assert encoder.preprocess == S.Preprocess(224, S.OPENAI_CLIP_MEAN, S.OPENAI_CLIP_STD)
+
+
+def test_the_release_key_list_is_that_of_the_reference_qformer(folder):
+    """The hand-written release key list against diffusers' Blip2QFormerModel built from the same config."""
+    ref_mod = pytest.importorskip("diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2",
+                                  reason="diffusers (optional) is not installed: no reference Q-Former to compare with")
+    from transformers import Blip2Config
+    for cfgs in (tiny_configs(WIDTH), {**tiny_configs(WIDTH), "qformer_config": {
+            **tiny_configs(WIDTH)["qformer_config"], "num_hidden_layers": 2, "cross_attention_frequency": 2}}):
+        config = Blip2Config(**cfgs)
+        config.tokenizer = str(folder / "qformer")  # its BERT tokenizer from our local vocab.txt, no download
+        ref = ref_mod.Blip2QFormerModel(config)
+        assert {k: tuple(v.shape) for k, v in ref.state_dict().items()} == release_key_shapes(cfgs)
 
 
 def test_reference_parameter_names():
@@ -77,14 +97,36 @@ def test_old_qkv_bias_naming_is_accepted(encoder):
 
 
 def test_missing_files_name_folder_and_files(tmp_path, folder):
-    with pytest.raises(S.SubjectInputError, match="qformer/config.json"):
+    with pytest.raises(EditLabError, match="qformer/config.json"):
         S.find_subject_files(str(tmp_path))
     broken = tmp_path / "broken"
     (broken / "qformer").mkdir(parents=True)
     (broken / "qformer" / "config.json").write_text((folder / "qformer" / "config.json").read_text())
-    with pytest.raises(S.SubjectInputError) as err:
+    with pytest.raises(EditLabError) as err:
         S.find_subject_files(str(broken))
     assert str(broken) in str(err.value) and "model.safetensors" in str(err.value)
+
+
+def test_truncated_weights_name_the_file_and_the_fix(tmp_path, folder):
+    import shutil
+    broken = tmp_path / "truncated"
+    shutil.copytree(folder, broken)
+    weights = broken / "qformer" / "model.safetensors"
+    data = weights.read_bytes()
+    for cut in (len(data) // 2, 4):  # an interrupted download: cut in the tensors, and in the header
+        weights.write_bytes(data[:cut])
+        with pytest.raises(EditLabError) as err:
+            S.load_subject_encoder(str(broken))
+        msg = str(err.value)
+        assert str(weights) in msg and "download" in msg and "incomplete" in msg, msg
+    # the same for a torch pickle (read with weights_only)
+    from safetensors.torch import load_file
+    pickled = broken / "qformer" / "pytorch_model.bin"
+    torch.save(load_file(str(folder / "qformer" / "model.safetensors")), str(pickled))
+    weights.unlink()
+    pickled.write_bytes(pickled.read_bytes()[:1000])
+    with pytest.raises(EditLabError, match="pytorch_model.bin .*incomplete"):
+        S.load_subject_encoder(str(broken))
 
 
 def test_mismatched_weights_are_reported(tmp_path, folder, encoder):
@@ -92,7 +134,7 @@ def test_mismatched_weights_are_reported(tmp_path, folder, encoder):
     sd.pop("query_tokens")
     sd["extra.weight"] = torch.zeros(1)
     sd["proj_layer.dense1.weight"] = torch.zeros(3, 3)
-    with pytest.raises(S.SubjectInputError) as err:
+    with pytest.raises(EditLabError) as err:
         S.load_weights(S.SubjectEncoder(encoder.model.config), sd, "somewhere")
     msg = str(err.value)
     assert "missing keys: query_tokens" in msg and "unexpected keys: extra.weight" in msg and "proj_layer.dense1" in msg
@@ -134,23 +176,23 @@ def test_preprocess_size_normalisation_and_bad_images():
     assert torch.allclose(out[0, :, 100, 100], expected, atol=1e-5)
     rgba = torch.rand(1, 20, 20, 4)
     assert torch.equal(S.preprocess(rgba, spec), S.preprocess(rgba[..., :3], spec))
-    with pytest.raises(S.SubjectInputError, match="too small"):
+    with pytest.raises(EditLabError, match="too small"):
         S.preprocess(torch.rand(1, 8, 64, 3), spec)
-    with pytest.raises(S.SubjectInputError, match="channels"):
+    with pytest.raises(EditLabError, match="channels"):
         S.preprocess(torch.rand(1, 32, 32, 2), spec)
 
 
 def test_empty_class_word(encoder):
-    with pytest.raises(S.SubjectInputError, match="class word is empty"):
+    with pytest.raises(EditLabError, match="class word is empty"):
         encoder.class_ids("  ")
-    with pytest.raises(S.SubjectInputError, match="target class"):
+    with pytest.raises(EditLabError, match="target class"):
         S.build_prompt("on a beach", "")
 
 
 def test_reference_prompt():
     assert S.build_prompt(" swimming ", "dog", 1.0, 3) == "a dog swimming, a dog swimming, a dog swimming"
     assert S.build_prompt("x", "cat", 0.5, 20).count("a cat x") == 10
-    with pytest.raises(S.SubjectInputError, match="repetitions"):
+    with pytest.raises(EditLabError, match="repetitions"):
         S.build_prompt("x", "cat", 0.0, 20)
 
 
@@ -174,9 +216,9 @@ def test_mix_subjects():
     assert torch.allclose(m.embeds, torch.full((16, 4), 0.75)) and m.class_word == "cat"
     assert S.mix_subjects([a, b], [1.0, 0.0], "toy").class_word == "toy"
     assert torch.equal(S.mix_subjects([a, b], [1.0, 0.0]).embeds, a.embeds)
-    with pytest.raises(S.SubjectInputError, match="positive sum"):
+    with pytest.raises(EditLabError, match="positive sum"):
         S.mix_subjects([a, b], [0.0, 0.0])
-    with pytest.raises(S.SubjectInputError, match="different shapes"):
+    with pytest.raises(EditLabError, match="different shapes"):
         S.mix_subjects([a, S.Subject(torch.ones(16, 5), "x")], [1.0, 1.0])
 
 

@@ -1,4 +1,4 @@
-"""Subject-driven editing spec (METHODS.md §7: DDIM inversion + refine + local blend on the subject word).
+"""Subject-driven editing spec (docs/methods.md §7: DDIM inversion + refine + local blend on the subject word).
 
 The target row is the source prompt with the subject's vectors inserted before the subject word; the
 refine alignment must keep every source token's attention (shifted past the vectors) and give the
@@ -13,11 +13,12 @@ from editlab.guidance.p2p import (
     SUBJECT_WORD,
     ControlSettings,
     P2PController,
-    P2PInputError,
+    Step,
     attention_probs,
     basic_attention,
     subject_edit_spec,
 )
+from editlab.errors import EditLabError
 from fake_tokenizer import BOS, EOS, FakeTokenizer
 
 N = 16
@@ -93,12 +94,10 @@ def test_the_controlled_target_attends_to_source_words_exactly_as_the_source():
     on the matching column, and the subject columns keep the target's own attention."""
     spec = spec_for("a dog sitting on the grass")
     c = P2PController(spec, ControlSettings(cross_replace=1.0), levels=[1])
-    c.begin_run(2, (4, 4), [10.0, 5.0, 0.0])
-    c.begin_forward(10.0)
     torch.manual_seed(0)
     heads, dim = 2, 8
     q, k, v = (torch.randn(2, n, heads * dim) for n in (16, spec.length, spec.length))
-    out = c.cross(q, k, v, heads, [0], basic_attention)
+    out = c.cross(q, k, v, heads, [0], Step(0, 2), basic_attention)
     a_src = attention_probs(q[:1], k[:1], heads)[0]
     a_tgt = attention_probs(q[1:], k[1:], heads)[0]
     subject = [w for w in spec.words[1] if w.text == SUBJECT_WORD][0].positions
@@ -118,5 +117,5 @@ def test_the_controlled_target_attends_to_source_words_exactly_as_the_source():
     (" ".join(["word"] * 60) + " dog", "dog", "subject's 16 vectors"),
 ])
 def test_bad_input_is_refused_with_the_fix(source, word, match):
-    with pytest.raises(P2PInputError, match=match):
+    with pytest.raises(EditLabError, match=match):
         spec_for(source, word=word)

@@ -1,12 +1,12 @@
-"""Word <-> token alignment for prompt-to-prompt with a tiny fake word-piece tokenizer (METHODS.md §5)."""
+"""Word <-> token alignment for prompt-to-prompt with a tiny fake word-piece tokenizer (docs/methods.md §5)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from editlab.guidance.p2p import P2PInputError, build_edit_spec, parse_word_values
+from editlab.errors import EditLabError
+from editlab.guidance.p2p import build_edit_spec, parse_word_values
 from editlab.guidance.tokens import (
-    AlignmentError,
     find_words,
     global_align,
     refine_map,
@@ -39,7 +39,7 @@ def test_repeated_words_are_all_found(tok):
 
 
 def test_prompts_longer_than_one_chunk_are_refused(tok):
-    with pytest.raises(AlignmentError, match="one 77-token CLIP chunk"):
+    with pytest.raises(EditLabError, match="one 77-token CLIP chunk"):
         split_words(" ".join(["word"] * 80), tok)
 
 
@@ -63,7 +63,7 @@ def test_replace_map_multi_token_words_share_weight(tok):
 
 
 def test_replace_refuses_unequal_word_counts_and_suggests_refine(tok):
-    with pytest.raises(AlignmentError, match=r"word count \(5 vs 6\).*use refine"):
+    with pytest.raises(EditLabError, match=r"word count \(5 vs 6\).*use refine"):
         replace_map(split_words("a photo of a cat", tok), split_words("a photo of a fat cat", tok))
 
 
@@ -119,16 +119,16 @@ def test_edit_spec_places_reweight_blend_and_override_words(tok):
 
 def test_edit_spec_errors_name_the_word_and_the_fix(tok):
     prompts = ["a photo of a cat", "a photo of a dog"]
-    with pytest.raises(P2PInputError, match="blend word 'horse' is in none"):
+    with pytest.raises(EditLabError, match="blend word 'horse' is in none"):
         build_edit_spec(prompts, "replace", tok, bos=BOS, eos=EOS, blend_words=["horse"])
-    with pytest.raises(P2PInputError, match="reweight word 'cat' is not in the target"):
+    with pytest.raises(EditLabError, match="reweight word 'cat' is not in the target"):
         build_edit_spec(prompts, "replace", tok, bos=BOS, eos=EOS, reweight=[("cat", 2.0)])
-    with pytest.raises(P2PInputError, match="use refine"):
+    with pytest.raises(EditLabError, match="use refine"):
         build_edit_spec(["a cat", "a fat cat"], "replace", tok, bos=BOS, eos=EOS)
-    with pytest.raises(P2PInputError, match="reweight alone"):
+    with pytest.raises(EditLabError, match="reweight alone"):
         build_edit_spec(prompts, "reweight", tok, bos=BOS, eos=EOS)
-    with pytest.raises(P2PInputError, match="at least one target"):
+    with pytest.raises(EditLabError, match="at least one target"):
         build_edit_spec(prompts[:1], "replace", tok, bos=BOS, eos=EOS)
-    with pytest.raises(P2PInputError, match="word:number"):
+    with pytest.raises(EditLabError, match="word:number"):
         parse_word_values("cat:lots", 2.0, "reweight")
     assert parse_word_values("cat, red car:0.5,", 2.0, "reweight") == [("cat", 2.0), ("red car", 0.5)]

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_models as rm  # noqa: E402
+from model_checks import assert_models_differ  # noqa: E402
 
 FAILURES: list[str] = []
 
@@ -96,6 +97,15 @@ def run_one(tmp: Path, in_channels: int, dtype: torch.dtype) -> None:
     ckpt2 = tmp / "again.safetensors"
     rm.build_sd15_checkpoint(ckpt2, seed=0, in_channels=in_channels, dtype=dtype)
     check(ckpt.read_bytes() == ckpt2.read_bytes(), "same seed -> byte-identical file")
+    ckpt2.unlink()
+    # ... and another seed -> other weights in every random tensor (the seed was once silently dropped).
+    rm.build_sd15_checkpoint(ckpt2, seed=1, in_channels=in_channels, dtype=dtype)
+    from safetensors.torch import load_file
+    try:
+        assert_models_differ(load_file(str(ckpt)), load_file(str(ckpt2)), every_random_tensor=True)
+        check(True, "seed 1 -> different weights in every random tensor")
+    except AssertionError as exc:
+        check(False, f"seed 1 -> different weights ({exc})")
     ckpt2.unlink()
 
     t0 = time.perf_counter()

@@ -61,6 +61,7 @@ __all__ = [
     "vae_parity",
     "text_encoder_parity",
     "parity_report",
+    "weight_seed",
 ]
 
 # --------------------------------------------------------------------------
@@ -173,9 +174,17 @@ def ensure_comfy_importable(comfyui_path: PathLike | None = None) -> None:
 
 
 def _key_generator(seed: int, key: str) -> torch.Generator:
-    """A generator whose state only depends on ``(seed, key)`` (order-free)."""
-    mixed = ((int(seed) & 0xFFFFFFFF) << 32) ^ zlib.crc32(key.encode("utf-8"))
-    return torch.Generator(device="cpu").manual_seed(mixed)
+    """A generator whose state only depends on ``(seed, key)`` (order-free).
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so ``seed`` is mixed into
+    those bits: it is the initial value of the key's CRC-32 (for a fixed key, an invertible map of the
+    seed, so distinct 32-bit seeds give distinct streams; seed 0 is the plain ``crc32(key)``).  It used
+    to be shifted into the high 32 bits, which the generator dropped: every seed gave the same weights.
+    """
+    seed = int(seed)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed} (torch's CPU generator keeps 32 bits)")
+    return torch.Generator(device="cpu").manual_seed(zlib.crc32(key.encode("utf-8"), seed))
 
 
 def _randn(shape: torch.Size | tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
@@ -355,6 +364,25 @@ def _atomic_save_safetensors(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+WEIGHT_SEED_ENV = "EDITLAB_WEIGHT_SEED"
+
+
+def weight_seed(offset: int = 0) -> int:
+    """The engine tier's weight seed (``$EDITLAB_WEIGHT_SEED``, default 0), plus ``offset``.
+
+    The session checkpoint uses ``weight_seed()``; a test's "other" model uses ``weight_seed(1)`` (or
+    more), so it differs from the session model whatever seed the tier runs on.
+    """
+    raw = os.environ.get(WEIGHT_SEED_ENV, "0").strip() or "0"
+    try:
+        seed = int(raw)
+    except ValueError:
+        raise ValueError(f"{WEIGHT_SEED_ENV} must be an integer, got {raw!r}") from None
+    if not 0 <= seed + offset < 2**32:
+        raise ValueError(f"{WEIGHT_SEED_ENV}={seed} (+{offset}) is outside [0, 2**32)")
+    return seed + offset
 
 
 def build_sd15_checkpoint(

@@ -2,7 +2,8 @@
 
     <folder>/model_index.json
     <folder>/qformer/config.json                     written by transformers' Blip2Config.save_pretrained
-    <folder>/qformer/model.safetensors               the Blip2QFormerModel parameter names (+ position_ids buffer)
+    <folder>/qformer/model.safetensors               the Blip2QFormerModel tensor names (+ position_ids buffer),
+                                                     listed independently in :func:`release_key_shapes`
     <folder>/qformer/vocab.txt                       a tiny BERT-uncased-style vocabulary
     <folder>/image_processor/preprocessor_config.json  BlipImageProcessor fields (224 px, CLIP mean/std)
 
@@ -29,11 +30,67 @@ def tiny_configs(width: int = 768) -> dict:
     return {"vision_config": vision, "qformer_config": qformer, "num_query_tokens": 16}
 
 
+def release_key_shapes(cfgs: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of the release's ``qformer/model.safetensors`` for a config of
+    :func:`tiny_configs`' form, written out from the public naming of diffusers' ``Blip2QFormerModel``
+    (``pipelines/blip_diffusion/modeling_blip2.py``: BLIP-2 vision encoder, BERT-style Q-Former with
+    ``*_query`` FFNs for the query tokens, ``proj_layer``) - deliberately not from EditLab's module, so a
+    naming or shape mistake there cannot hide in a file written from it."""
+    v, q = cfgs["vision_config"], cfgs["qformer_config"]
+    dv, iv, patch = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    h, iq, e = q["hidden_size"], q["intermediate_size"], q["encoder_hidden_size"]
+    n_pos = q["max_position_embeddings"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "query_tokens": (1, cfgs["num_query_tokens"], h),
+        "embeddings.position_ids": (1, n_pos),  # a buffer transformers saves with the weights
+        "embeddings.word_embeddings.weight": (q["vocab_size"], h),
+        "embeddings.position_embeddings.weight": (n_pos, h),
+        "visual_encoder.embeddings.class_embedding": (1, 1, dv),
+        "visual_encoder.embeddings.position_embedding": (1, (v["image_size"] // patch) ** 2 + 1, dv),
+        "visual_encoder.embeddings.patch_embedding.weight": (dv, 3, patch, patch),
+        "proj_layer.dense1.weight": (4 * h, h), "proj_layer.dense1.bias": (4 * h,),
+        "proj_layer.dense2.weight": (h, 4 * h), "proj_layer.dense2.bias": (h,),
+    }
+
+    def norm(name: str, size: int) -> None:
+        shapes[f"{name}.weight"] = (size,)
+        shapes[f"{name}.bias"] = (size,)
+
+    def linear(name: str, out: int, inp: int) -> None:
+        shapes[f"{name}.weight"] = (out, inp)
+        shapes[f"{name}.bias"] = (out,)
+
+    norm("embeddings.LayerNorm", h)
+    norm("proj_layer.LayerNorm", h)
+    norm("visual_encoder.pre_layernorm", dv)
+    norm("visual_encoder.post_layernorm", dv)
+    for i in range(v["num_hidden_layers"]):
+        stem = f"visual_encoder.encoder.layers.{i}"
+        linear(f"{stem}.self_attn.qkv", 3 * dv, dv)
+        linear(f"{stem}.self_attn.projection", dv, dv)
+        norm(f"{stem}.layer_norm1", dv)
+        linear(f"{stem}.mlp.fc1", iv, dv)
+        linear(f"{stem}.mlp.fc2", dv, iv)
+        norm(f"{stem}.layer_norm2", dv)
+    for i in range(q["num_hidden_layers"]):
+        stem = f"encoder.layer.{i}"
+        kinds = [("attention", h)] + ([("crossattention", e)] if i % q["cross_attention_frequency"] == 0 else [])
+        for kind, kv in kinds:
+            linear(f"{stem}.{kind}.attention.query", h, h)
+            linear(f"{stem}.{kind}.attention.key", h, kv)
+            linear(f"{stem}.{kind}.attention.value", h, kv)
+            linear(f"{stem}.{kind}.output.dense", h, h)
+            norm(f"{stem}.{kind}.output.LayerNorm", h)
+        for ffn, out in (("intermediate", "output"), ("intermediate_query", "output_query")):
+            linear(f"{stem}.{ffn}.dense", iq, h)
+            linear(f"{stem}.{out}.dense", h, iq)
+            norm(f"{stem}.{out}.LayerNorm", h)
+    return shapes
+
+
 def write_subject_encoder_folder(folder: Path | str, seed: int = 0, width: int = 768) -> Path:
     from safetensors.torch import save_file
     from transformers import Blip2Config
-
-    from editlab.guidance.subject import SubjectEncoder, config_from_blip2_json
 
     folder = Path(folder)
     qdir = folder / "qformer"
@@ -42,20 +99,19 @@ def write_subject_encoder_folder(folder: Path | str, seed: int = 0, width: int =
     hf = Blip2Config(**cfgs)
     hf.architectures = ["Blip2QFormerModel"]
     hf.save_pretrained(str(qdir))  # the real config.json format (diffs against transformers' defaults)
-    cfg = config_from_blip2_json(json.loads((qdir / "config.json").read_text()))
 
-    model = SubjectEncoder(cfg)
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, p in model.state_dict().items():
-        if "LayerNorm" in name or "layernorm" in name or "layer_norm" in name:
-            base = torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)
-            sd[name] = base + 0.02 * torch.randn(p.shape, generator=gen)
+    for name, shape in sorted(release_key_shapes(cfgs).items()):
+        if name == "embeddings.position_ids":
+            sd[name] = torch.arange(shape[1]).expand(1, -1).clone()
+        elif "LayerNorm" in name or "layernorm" in name or "layer_norm" in name:
+            base = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+            sd[name] = base + 0.02 * torch.randn(shape, generator=gen)
         else:
             scale = 0.5 if name.endswith(("class_embedding", "position_embedding", "query_tokens")) else 0.2
-            fan_in = p.shape[1] if p.ndim >= 2 else 1
-            sd[name] = torch.randn(p.shape, generator=gen) * (scale if p.ndim < 2 else 1.0 / fan_in ** 0.5)
-    sd["embeddings.position_ids"] = torch.arange(cfg.qformer.max_position_embeddings).expand(1, -1).clone()
+            fan_in = shape[1] if len(shape) >= 2 else 1
+            sd[name] = torch.randn(shape, generator=gen) * (scale if len(shape) < 2 else 1.0 / fan_in ** 0.5)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(qdir / "model.safetensors"))
 
     (qdir / "vocab.txt").write_text("\n".join(SPECIALS + WORDS) + "\n", encoding="utf-8")

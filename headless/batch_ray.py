@@ -1,0 +1,108 @@
+"""``editlab batch --backend ray``: the rows as a Ray Data dataset, ``map_batches`` over a pool of stateful
+actors (one per GPU; one per CPU slot without GPUs), each holding one batch worker (ComfyUI loaded once).
+
+Ray is imported here only, and only for this backend. ``--ray-address`` joins an existing cluster (the pack
+and ComfyUI must sit at the same paths on every node, and OUT on storage every node shares); without it a
+local Ray instance is started for the run. The driver keeps the manifest: records stream back as rows
+finish. An actor that dies is restarted by Ray and its rows are retried (Ray Data's actor pool retries);
+a row that kills its actor ``MAX_ATTEMPTS`` times is recorded as failed, as with the local backend.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Callable, Iterator, Optional
+
+from ..errors import EditLabError
+from .batch import MAX_ATTEMPTS
+
+MAX_BLOCKS = 1000  # one row per block up to this: rows spread over actors, a retried block redoes few rows
+
+
+class RowActor:
+    """A Ray Data callable class: ``__init__`` boots the worker once, ``__call__`` runs one batch of rows.
+    Shipped by value (Ray's workers cannot import the pack by name), so it names no pack object; it
+    imports the pack from its folder first."""
+
+    def __init__(self, config: dict):
+        import importlib.util
+        if "editlab" not in sys.modules:
+            root = config["pack_dir"]
+            spec = importlib.util.spec_from_file_location("editlab", os.path.join(root, "__init__.py"),
+                                                          submodule_search_locations=[root])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["editlab"] = module
+            spec.loader.exec_module(module)
+        from editlab.headless import batch_worker
+        self.run_task = batch_worker.run_task
+        self.worker = batch_worker.load_worker(config["worker"], config)
+        self.attempts = os.path.join(config["out"], "logs", "attempts")
+        self.max_attempts = config["max_attempts"]
+        os.makedirs(self.attempts, exist_ok=True)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        return {"record": np.array([json.dumps(self.row(json.loads(str(t)))) for t in batch["task"]], dtype=object)}
+
+    def row(self, task: dict) -> dict:
+        # Ray retries the rows of a dead actor without limit; a row that kills its actor every time is
+        # recorded as failed after max_attempts (each start leaves a mark in OUT/logs/attempts/<row>).
+        mark = os.path.join(self.attempts, task["row"])
+        with open(mark, "a") as fh:
+            fh.write(".")
+        tries = os.path.getsize(mark)
+        if tries > self.max_attempts:
+            record = {"row": task["row"], "inputs": task["inputs"], "outputs": [], "seconds": 0.0, "worker": "batch",
+                      "error": f"worker process died running this row {tries - 1} times; see the Ray worker logs"}
+        else:
+            record = self.run_task(self.worker, task)
+        os.remove(mark)
+        return record
+
+
+def run(config: dict, tasks: Iterator[dict], emit: Callable[[dict], None], *, workers: Optional[int] = None,
+        address: Optional[str] = None) -> int:
+    """Run the tasks on ``workers`` actors (default: one per GPU of the cluster, else 1); return that number."""
+    try:
+        import ray
+        import ray.cloudpickle
+        import ray.data
+    except ImportError as exc:
+        raise EditLabError(f"--backend ray needs Ray Data ({exc}): pip install 'ray[data]', or use --backend local") from None
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(workers or 1, 1), include_dashboard=False, log_to_driver=False)
+    config = dict(config, max_attempts=MAX_ATTEMPTS)
+    shutil.rmtree(os.path.join(config["out"], "logs", "attempts"), ignore_errors=True)  # marks of a killed run
+    try:
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the batch has its own progress line
+        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+        workers = workers or cluster_gpus or 1
+        items = [{"task": json.dumps(t)} for t in tasks]  # task descriptors (ids, paths, prompts): no pixels
+        if not items:
+            return workers
+        per_actor = {"num_gpus": 1} if cluster_gpus else {"num_cpus": 1}
+        if cluster_gpus and workers > cluster_gpus:
+            raise EditLabError(f"--workers {workers}: the Ray cluster has {cluster_gpus} GPUs (one actor per GPU)")
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+        out = ds.map_batches(RowActor, fn_constructor_args=(config,), batch_size=1, batch_format="numpy",
+                             concurrency=workers, **per_actor)
+        try:
+            for row in out.iter_rows():
+                emit(json.loads(row["record"]))
+            return workers
+        except (ray.exceptions.RayError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[:1] or [type(exc).__name__]
+            raise EditLabError(f"the Ray run stopped: {first[0]}; rows finished so far are in the manifest, run the "
+                               "same command again to resume") from None
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        if started:
+            ray.shutdown()

@@ -1,0 +1,113 @@
+"""The samplers DDIM Invert and Null-Text Optimize hand to ComfyUI's own guider (docs/methods.md §3-4).
+
+Inversion and null-text optimisation run *inside* ``CFGGuider.sample`` with a custom ``Sampler`` object
+(one that walks the schedule upwards, one that optimises), so model loading, conditioning processing,
+LoRA patches and model wrappers all apply exactly as when sampling. Gradients for null-text run outside
+inference mode through zero-copy, non-inference views of the weights (no second copy, no weight
+gradients), restored on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+import comfy.samplers
+
+from ..samplers.inversion import Inversion, ddim_invert
+from ..samplers.null_text import NullTextConfig, NullTextStats, optimize_null_text
+from .common import EditLabError, Progress
+from .inversion_common import with_cross_attn
+
+
+@contextlib.contextmanager
+def autograd_weights(module: torch.nn.Module):
+    """Make a module usable under autograd although its weights were created in inference mode.
+
+    Each inference-mode parameter/buffer is swapped for a zero-copy alias of the same storage that
+    autograd may save (``Tensor.set_`` on the storage), with ``requires_grad=False`` so no weight
+    gradient is ever computed; the originals are put back on exit, whatever happens.
+    """
+    swapped = []
+    try:
+        with torch.inference_mode(False):
+            for mod in module.modules():
+                for store in (mod._parameters, mod._buffers):
+                    for name, t in list(store.items()):
+                        if t is None or not t.is_inference():
+                            continue
+                        alias = torch.empty(0, dtype=t.dtype, device=t.device)
+                        alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+                        store[name] = torch.nn.Parameter(alias, requires_grad=False) if store is mod._parameters else alias
+                        swapped.append((store, name, t))
+        yield
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
+
+
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype a ComfyUI model computes in: its manual-cast dtype if set (weights stored lower), else its own."""
+    return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+
+
+class InversionPass(comfy.samplers.Sampler):
+    """Walks the schedule upwards (DDIM inversion) with the guider's CFG-combined prediction."""
+
+    def __init__(self, scaling: str, progress: Progress):
+        self.scaling = scaling
+        self.progress = progress
+        self.trajectory: Optional[torch.Tensor] = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        def denoise(x, s):
+            return model_wrap(x, s, model_options=extra_args["model_options"], seed=extra_args.get("seed"))
+
+        self.trajectory = ddim_invert(denoise, latent_image.float(), sigmas.float().cpu(), scaling=self.scaling,
+                                      on_step=lambda *_: self.progress.step())
+        return self.trajectory[0].to(latent_image)
+
+
+class NullTextPass(comfy.samplers.Sampler):
+    """Runs null-text optimisation with the guider's processed conds and loaded model."""
+
+    def __init__(self, inv: Inversion, config: NullTextConfig, progress: Progress):
+        self.inv = inv
+        self.config = config
+        self.progress = progress
+        self.nulls: Optional[torch.Tensor] = None
+        self.stats: Optional[NullTextStats] = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        model = model_wrap.inner_model
+        options = extra_args["model_options"]
+        pos, neg = model_wrap.conds["positive"], model_wrap.conds["negative"]
+        device = latent_image.device
+        null_init = neg[0]["model_conds"]["c_crossattn"].cond
+
+        def eps_of(conds, z, sigma):
+            s = z.new_full((z.shape[0],), sigma)
+            return (z - comfy.samplers.calc_cond_batch(model, [conds], z, s, options)[0]) / sigma
+
+        def eps_cond(z, sigma):
+            return eps_of(pos, z, sigma)
+
+        def eps_uncond(z, sigma, emb):
+            return eps_of(with_cross_attn(neg, emb), z, sigma)
+
+        try:
+            with torch.inference_mode(False), autograd_weights(model.diffusion_model):
+                self.nulls, self.stats = optimize_null_text(
+                    eps_cond, eps_uncond, self.inv.trajectory, self.inv.sigmas, null_init, self.config,
+                    device=device, check_cancel=Progress.check_cancel, on_step=lambda *_: self.progress.step(),
+                    half_precision=compute_dtype(model) == torch.float16)
+        except RuntimeError as exc:
+            # torch's own error, translated where it is found: it means a ControlNet / adapter without gradients.
+            if "Inference tensors cannot be saved for backward" in str(exc):
+                raise EditLabError(
+                    "null-text optimisation needs gradients through every model in the conditioning; a ControlNet "
+                    "or adapter attached to the conditioning cannot provide them. Optimise without it, then add it "
+                    "for editing") from exc
+            raise
+        return latent_image
