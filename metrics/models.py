@@ -38,8 +38,8 @@ WHERE = {
     "clip": "a Hugging Face CLIPModel folder, e.g. openai/clip-vit-large-patch14",
     "dino": "a Hugging Face ViTModel folder, e.g. facebook/dino-vits16",
     "structure": "a Hugging Face ViTModel folder, e.g. facebook/dino-vitb8",
-    "lpips": "torchvision's ImageNet backbone file from https://download.pytorch.org/models/",
-    "inception": f"torchvision's Inception-v3 file https://download.pytorch.org/models/{INCEPTION_FILE}",
+    "lpips": "the ImageNet weights file torchvision publishes for the backbone (its models page)",
+    "inception": f"torchvision's published Inception-v3 ImageNet weights file {INCEPTION_FILE}",
 }
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -65,10 +65,6 @@ def check_choice(value: str, options, what: str) -> str:
     return value
 
 
-def user_error(exc: Exception) -> EditLabError:
-    return EditLabError(str(exc))
-
-
 def latent_samples(latent: dict, what: str = "latent") -> torch.Tensor:
     """The ``samples`` tensor of a LATENT dict, checked for shape and finiteness."""
     if not isinstance(latent, dict) or "samples" not in latent:

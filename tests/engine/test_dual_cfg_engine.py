@@ -269,7 +269,6 @@ def parity_run(engine, ip2p, diffusers_ip2p, steps: int, s_t: float, s_i: float)
 def test_matches_diffusers_instruct_pix2pix_pipeline(engine, ip2p, diffusers_ip2p):
     """InstructPix2Pix Encode + Dual CFG Combiner + euler/simple == diffusers' pipeline + Euler (trailing)."""
     r = parity_run(engine, ip2p, diffusers_ip2p, steps=4, s_t=7.5, s_i=1.5)
-    print(f"\nIP2P parity (4 steps, s_T 7.5, s_I 1.5, fp32): {r}")
     assert r["rel"] < PARITY_RTOL, r
     assert r["image_max_abs"] < 1e-4, r
 

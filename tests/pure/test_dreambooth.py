@@ -1,7 +1,6 @@
 """DreamBooth's pure core: Eq. 2 in the model's target, the 1:1 streams, the loop, the identifier."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

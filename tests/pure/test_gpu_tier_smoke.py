@@ -10,7 +10,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_tier.py"
 RESULTS = ROOT / "bench" / "RESULTS.md"
-# The budget for a CI-class machine; EDITLAB_SMOKE_BUDGET_S overrides it on a slower or shared one.
-SMOKE_BUDGET_S = float(os.environ.get("EDITLAB_SMOKE_BUDGET_S", "90"))
+# A hang guard, not a speed assertion (speed is measured in bench/, never asserted in tests).
+SMOKE_TIMEOUT_S = float(os.environ.get("EDITLAB_SMOKE_TIMEOUT_S", "1200"))
 
 
 def _load():
@@ -106,18 +105,16 @@ def test_smoke_run_writes_one_row_per_benchmark(tmp_path):
         pytest.skip("COMFYUI_PATH is not set: the GPU-tier smoke run needs a ComfyUI checkout")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     before = _sha(RESULTS)
-    # Build the random weights into the (gitignored) bench/out cache first: a one-off cost, not timed.
-    prep = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--prepare"], cwd=ROOT, env=env,
+    # Build the random weights first (a one-off cost), into the test's temporary folder.
+    work = tmp_path / "work"  # tests write only under their temporary folder
+    prep = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--prepare", "--work", str(work)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert prep.returncode == 0, prep.stderr[-3000:]
     out = tmp_path / "RESULTS.md"
     out.write_bytes(RESULTS.read_bytes())
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=SMOKE_BUDGET_S)
-    wall = time.perf_counter() - t
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--work", str(work)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert wall < SMOKE_BUDGET_S
     assert _sha(RESULTS) == before, "the smoke run wrote the real bench/RESULTS.md"
     text = out.read_text(encoding="utf-8")
     assert text.startswith(RESULTS.read_text(encoding="utf-8").split(gt.BEGIN)[0].rstrip("\n"))

@@ -232,7 +232,8 @@ def test_schedule_checks():
 def test_psnr():
     a = torch.zeros(1, 3, 4, 4)
     assert psnr(a, a) == float("inf")
-    b = a.clone(); b[..., 0, 0] = 1.0
+    b = a.clone()
+    b[..., 0, 0] = 1.0
     assert psnr(a, b, 1.0) == pytest.approx(10 * math.log10(48 / 3))
 
 
