@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine, setup  # noqa: E402
+from common import _status_kib, interleaved_medians, machine, setup  # noqa: E402
 
 SOURCE, TARGET = "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle"
 CONTENDERS = ["comfy_plain", "comfy_p2p", "comfy_p2p_blend", "reference_p2p", "diffusers_plain"]
@@ -131,14 +131,6 @@ def peak_of(fn) -> float:
     base = _status_kib("VmRSS")
     fn()
     return (_status_kib("VmHWM") - base) / 1024
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def main() -> None:
