@@ -168,7 +168,7 @@ class LoadInversion(EditLabNode):
         try:
             resolve_inversion(inversion)
         except EditLabError as exc:
-            return str(exc)
+            return f"inversion: {exc}"  # the pack's queue-time message form: "input: what is wrong"
         return True
 
     @classmethod
