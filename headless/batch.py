@@ -453,18 +453,12 @@ class Progress:
 
 # ------------------------------------------------------------------------------------------------- run
 def gpu_count() -> int:
-    """GPUs visible to this machine, without importing torch (workers default to one per GPU)."""
+    """GPUs visible to this process (workers default to one per GPU); CUDA_VISIBLE_DEVICES is honoured."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if shutil.which("nvidia-smi"):
-        import subprocess
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-        except (OSError, subprocess.SubprocessError):
-            return 0
-        return sum(line.startswith("GPU ") for line in out.splitlines())
-    return 0
+    import torch  # only here: the CLI's other paths stay light
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _lock(out: str):

@@ -23,17 +23,10 @@ from typing import Any, Callable, Iterator
 from ..errors import EditLabError
 from .batch import MAX_ATTEMPTS, atomic_row_dir, row_files
 
-# Runs in a fresh interpreter: import the pack as ``editlab`` from its folder, then call a function here.
-BOOT = (
-    "import importlib.util, os, sys\n"
-    "root = sys.argv[1]\n"
-    "if 'editlab' not in sys.modules:\n"
-    "    spec = importlib.util.spec_from_file_location('editlab', os.path.join(root, '__init__.py'),"
-    " submodule_search_locations=[root])\n"
-    "    mod = importlib.util.module_from_spec(spec); sys.modules['editlab'] = mod; spec.loader.exec_module(mod)\n"
-    "from editlab.headless import batch_worker\n"
-    "sys.exit(getattr(batch_worker, sys.argv[2])(*sys.argv[3:]))\n"
-)
+def _worker_command(action: str, *args: str) -> list[str]:
+    """A fresh interpreter running the pack's own CLI entry (``__main__.py`` imports the pack under a stable
+    name from its folder), hidden subcommand ``batch-worker``."""
+    return [sys.executable, os.path.join(_pack_dir(), "__main__.py"), "batch-worker", action, *args]
 
 
 def one_line(exc: BaseException) -> str:
@@ -150,7 +143,7 @@ def prepare(comfyui: str) -> int:
 
 def prepare_in_subprocess(workflow: dict, comfyui: str) -> dict:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # conversion needs no GPU: leave the GPUs to the workers
-    proc = subprocess.run([sys.executable, "-c", BOOT, _pack_dir(), "prepare", comfyui], input=json.dumps(workflow),
+    proc = subprocess.run(_worker_command("prepare", comfyui), input=json.dumps(workflow),
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no message)"]
@@ -186,7 +179,7 @@ class LocalPool:
             threads = self.config.get("threads") or max(1, (os.cpu_count() or 1) // self.workers)
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
         log = open(os.path.join(self.log_dir, f"worker-{slot}.log"), "ab")
-        proc = subprocess.Popen([sys.executable, "-c", BOOT, _pack_dir(), "serve", self.config_path, str(slot)],
+        proc = subprocess.Popen(_worker_command("serve", self.config_path, str(slot)),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env)
         log.close()
         os.set_blocking(proc.stdout.fileno(), False)

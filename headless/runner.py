@@ -340,12 +340,24 @@ def _add_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folder", default=os.path.join(PACK_DIR, "workflows"))
 
 
+def _cmd_batch_worker(args: argparse.Namespace) -> int:
+    from . import batch_worker
+    logging.getLogger().setLevel(logging.ERROR)  # a worker's log file keeps ComfyUI's errors
+    return getattr(batch_worker, args.action)(*args.args)
+
+
+def _add_batch_worker(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("serve", "prepare"))
+    parser.add_argument("args", nargs="*")
+
+
 # Subcommands: name -> (help, add its arguments, run it -> exit code). A new subcommand is one entry here.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "run": ("run a UI- or API-format workflow JSON", _add_run, _cmd_run),
     "build-workflows": ("regenerate workflows/*.json from headless/examples.py", _add_build, _cmd_build),
     "batch": ("run a workflow over a dataset, resumable (headless/batch.py)", _batch.build_parser, _batch.run_args),
     "score": ("score existing images with the metric set, resumable (metrics/scorer.py)", _scorer.add_arguments, _scorer.run_args),
+    "batch-worker": ("internal: one worker process of 'batch' (started by it)", _add_batch_worker, _cmd_batch_worker),
 }
 
 

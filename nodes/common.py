@@ -89,6 +89,28 @@ def is_k_space(ms) -> bool:
     return bool(torch.allclose(probe, one))
 
 
+def refuse_flow_model(what: str, base_model, ms, instead: str = "") -> None:
+    """Refuse a model that does not noise as ``x0 + sigma * z`` (SD3 / Flux rectified flow, docs/methods.md §11).
+
+    The pack's SDEdit, known-region, inversion and DreamBooth maths is k-space; on a flow model (marginal
+    ``(1 - sigma) x0 + sigma z``) it would run silently wrong. ``base_model``/``ms``: the model and the model
+    sampling in force (a MODEL's object patches included). Called before any work.
+    """
+    if is_k_space(ms):
+        return
+    kinds = "/".join(c.__name__ for c in type(ms).__mro__[1:] if c.__module__.startswith("comfy."))
+    raise EditLabError(
+        f"{what}: the model ({type(base_model).__name__}, model sampling {kinds or type(ms).__name__}) is a "
+        "flow-matching model (rectified flow: SD3, Flux), which is not supported yet; this needs an eps / "
+        "v-prediction model that noises as x0 + sigma * noise (SD1.x, SD2.x, SDXL, without a ModelSamplingSD3 / "
+        f"ModelSamplingFlux patch). {instead}".rstrip())
+
+
+def refuse_flow(model, what: str, instead: str = "") -> None:
+    """``refuse_flow_model`` for a MODEL (ModelPatcher)."""
+    refuse_flow_model(what, model.model, model_sampling(model), instead)
+
+
 def t0_to_sigma(ms, t0: float) -> float:
     """SDEdit's t0 on the model's own schedule.
 

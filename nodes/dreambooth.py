@@ -32,9 +32,8 @@ from comfy_api.latest import io
 from ..training.dreambooth import INSTANCE, LOSS_TARGETS, DreamBoothConfig, LossHistory, Model, train
 from ..training.identifier import check_identifier, pick_identifier
 from .clip_tokens import sd_tokenizer, word_tokenizer
-from .common import CATEGORY, EditLabError, EditLabNode, Progress, is_k_space, latent_samples, model_sampling
-from .inversion_common import with_cross_attn
-from .inversion_passes import autograd_weights
+from .common import CATEGORY, EditLabError, EditLabNode, Progress, latent_samples, model_sampling, refuse_flow
+from .gradients import autograd_weights, with_cross_attn
 
 DB_CATEGORY = f"{CATEGORY}/DreamBooth"
 CHECKPOINT_DIR = "editlab_dreambooth"
@@ -330,9 +329,7 @@ class DreamBoothTrain(EditLabNode):
         config = DreamBoothConfig(steps=steps, prior_loss_weight=prior_loss_weight, batch_size=batch_size, seed=seed,
                                   loss_target=loss_target, save_every=save_every)
         # 1. check everything before any work
-        if not is_k_space(model_sampling(model)):
-            raise EditLabError("DreamBooth Train supports eps/v-prediction models (SD1.x, SD2.x) for now; this model "
-                               "is a flow-matching model")
+        refuse_flow(model, "DreamBooth Train")
         instance = latent_samples(instance_latents, "instance_latents")
         inst_emb = _cross_attn_rows(instance_conditioning, instance.shape[0], "instance_conditioning")
         cls_samples, cls_emb = None, None

@@ -16,12 +16,11 @@ from comfy_api.latest import io
 from ..samplers.inversion import INPUT_SCALINGS, Inversion, check_schedule, psnr
 from ..samplers.null_text import NullTextConfig
 from . import fingerprint
-from .common import EditLabError, EditLabNode, Progress, check_choice, latent_samples
+from .common import EditLabError, EditLabNode, Progress, check_choice, latent_samples, refuse_flow
 from .inversion_common import (
     INVERSION_CATEGORY,
     InversionType,
     conditioning_tensors,
-    refuse_flow_model,
     source_conditioning,
 )
 from .inversion_guider import InversionGuiderNode
@@ -71,7 +70,7 @@ class DDIMInvert(EditLabNode):
     @classmethod
     def execute(cls, model, positive, latent, steps, scheduler, guidance, input_scaling, negative=None,
                 sigmas=None) -> io.NodeOutput:
-        refuse_flow_model(model, "DDIM Invert")
+        refuse_flow(model, "DDIM Invert")
         check_choice(input_scaling, INPUT_SCALINGS, "input_scaling")
         samples = latent_samples(latent, "latent")
         emb, pooled = conditioning_tensors(positive, "positive")
@@ -147,7 +146,7 @@ class NullTextOptimize(EditLabNode):
     @classmethod
     def execute(cls, model, inversion, negative, guidance, inner_steps, early_stop, early_stop_slope, learning_rate,
                 check_model, secant=False) -> io.NodeOutput:
-        refuse_flow_model(model, "Null-Text Optimize")
+        refuse_flow(model, "Null-Text Optimize")
         inv: Inversion = inversion
         fingerprint.check_model(inv, model, check_model)
         emb, _ = conditioning_tensors(negative, "negative")

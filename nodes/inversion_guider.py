@@ -10,7 +10,9 @@ from comfy_api.latest import io
 from ..samplers.inversion import Inversion, landing_denoised
 from .common import EditLabError, EditLabNode, check_choice
 from . import fingerprint
-from .inversion_common import INVERSION_CATEGORY, InversionType, refuse_flow_model, source_conditioning, with_cross_attn
+from .common import refuse_flow
+from .inversion_common import INVERSION_CATEGORY, InversionType, source_conditioning
+from .gradients import with_cross_attn
 
 MODES = ["null-text", "negative-prompt", "direct", "plain"]
 MATCH = dict(rtol=1e-4, atol=1e-4)  # a latent that went through process_latent_out and back in
@@ -128,7 +130,7 @@ class InversionGuiderNode(EditLabNode):
 
     @classmethod
     def execute(cls, model, inversion, positive, negative, cfg, mode, check_model) -> io.NodeOutput:
-        refuse_flow_model(model, "Inversion Guider")
+        refuse_flow(model, "Inversion Guider")
         check_choice(mode, MODES, "mode")
         inv: Inversion = inversion
         fingerprint.check_model(inv, model, check_model)

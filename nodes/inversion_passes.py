@@ -8,7 +8,6 @@ gradients), restored on exit.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -18,33 +17,7 @@ import comfy.samplers
 from ..samplers.inversion import Inversion, ddim_invert
 from ..samplers.null_text import NullTextConfig, NullTextStats, optimize_null_text
 from .common import EditLabError, Progress
-from .inversion_common import with_cross_attn
-
-
-@contextlib.contextmanager
-def autograd_weights(module: torch.nn.Module):
-    """Make a module usable under autograd although its weights were created in inference mode.
-
-    Each inference-mode parameter/buffer is swapped for a zero-copy alias of the same storage that
-    autograd may save (``Tensor.set_`` on the storage), with ``requires_grad=False`` so no weight
-    gradient is ever computed; the originals are put back on exit, whatever happens.
-    """
-    swapped = []
-    try:
-        with torch.inference_mode(False):
-            for mod in module.modules():
-                for store in (mod._parameters, mod._buffers):
-                    for name, t in list(store.items()):
-                        if t is None or not t.is_inference():
-                            continue
-                        alias = torch.empty(0, dtype=t.dtype, device=t.device)
-                        alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
-                        store[name] = torch.nn.Parameter(alias, requires_grad=False) if store is mod._parameters else alias
-                        swapped.append((store, name, t))
-        yield
-    finally:
-        for store, name, t in reversed(swapped):
-            store[name] = t
+from .gradients import autograd_weights, with_cross_attn
 
 
 def compute_dtype(base_model) -> torch.dtype:

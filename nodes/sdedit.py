@@ -38,11 +38,11 @@ from .common import (
     Progress,
     cancel_callback,
     check_choice,
-    is_k_space,
     latent_mask,
     latent_samples,
-    model_sampling,
     noise_for,
+    refuse_flow,
+    refuse_flow_model,
     sdedit_sigmas,
     to_latent_space,
     to_model_space,
@@ -51,21 +51,6 @@ from .common import (
 SDEDIT_CATEGORY = f"{CATEGORY}/SDEdit"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 MASK_CONVENTIONS = ("1 = regenerate (ComfyUI)", "1 = keep (GLIDE)")
-
-
-def refuse_flow(ms, what: str, instead: str) -> None:
-    """Refuse a model that does not noise as ``x0 + sigma * z`` (e.g. SD3 / Flux rectified flow).
-
-    The SDEdit maths here is the VE-SDE in k-space (docs/methods.md §1); a flow model's marginal is
-    ``(1 - sigma) x0 + sigma z``, so the known region and the reverse SDE would be silently wrong.
-    Called before any sampling work.
-    """
-    if not is_k_space(ms):
-        raise EditLabError(
-            f"{what} needs a model that noises as x0 + sigma * noise (SD1.x, SD2.x, SDXL: eps or v prediction); "
-            f"this model uses another parametrisation (e.g. rectified flow: SD3, Flux), which is not supported "
-            f"yet. {instead}"
-        )
 
 
 def _t0_input(default: float = 0.5) -> io.Float.Input:
@@ -97,7 +82,7 @@ def perturbed_latent(model, latent: dict, t0: float, steps: int, scheduler: str,
             "mask re-insertion would paste the noisy guide back. Remove the mask from the latent and connect "
             "it to 'EditLab Known-Region Sampler' (with this guide latent on its 'guide' input) instead."
         )
-    refuse_flow(model_sampling(model), "SDE Perturb",
+    refuse_flow(model, "SDE Perturb",
                 "Use ComfyUI's BasicScheduler 'denoise' with RandomNoise for it instead.")
     sigmas = sdedit_sigmas(model, t0, steps, scheduler)
     x0 = to_model_space(model, samples.float())
@@ -153,8 +138,9 @@ class ReverseSDESampler(comfy.samplers.KSAMPLER):
         self.repeat = int(repeat)
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
-        refuse_flow(model_wrap.inner_model.model_sampling, "the Reverse SDE sampler (the VE-SDE)",
-                    "Use a native sampler (euler, dpmpp_2m) with it.")
+        refuse_flow_model("the Reverse SDE sampler (the VE-SDE)", model_wrap.inner_model,
+                          model_wrap.inner_model.model_sampling,
+                          "Use a native sampler (euler, dpmpp_2m) with it.")
         if callback is not None and self.repeat > 1:
             host, rounds = callback, self.repeat
 
@@ -250,8 +236,9 @@ class KnownRegionSampler(comfy.samplers.Sampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
         if latent_image is None:
             raise EditLabError("the Known-Region sampler needs a latent to keep regions of")
-        refuse_flow(model_wrap.inner_model.model_sampling, "the Known-Region sampler (it re-noises the known "
-                    "region as guide + sigma * noise)", "Use ComfyUI's noise mask (Set Latent Noise Mask) with it.")
+        refuse_flow_model("the Known-Region sampler (it re-noises the known region as guide + sigma * noise)",
+                          model_wrap.inner_model, model_wrap.inner_model.model_sampling,
+                          "Use ComfyUI's noise mask (Set Latent Noise Mask) with it.")
         device = latent_image.device
         if self.mask is not None:
             mask = latent_mask(self.mask, latent_image).to(device, latent_image.dtype)
@@ -371,7 +358,7 @@ class SDEditT0Search(EditLabNode):
         if t0_min >= t0_max:
             raise EditLabError(f"t0_min ({t0_min}) must be smaller than t0_max ({t0_max})")
         # Refuse what every trial would refuse, before the first trial (and before decoding the guide).
-        refuse_flow(model_sampling(model), "SDEdit t0 Search (it perturbs as guide + sigma * noise)",
+        refuse_flow(model, "SDEdit t0 Search (it perturbs as guide + sigma * noise)",
                     "Sweep BasicScheduler 'denoise' with a native sampler instead.")
         check_choice(scheduler, comfy.samplers.SCHEDULER_NAMES, "scheduler")
         progress = Progress(max_runs)
