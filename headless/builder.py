@@ -88,7 +88,11 @@ class Graph:
         self.nodes.append(node)
         self._notes.append(node)
 
-    def add(self, class_type: str, column: int, title: Optional[str] = None, **kwargs: Any) -> tuple[Out, ...]:
+    def add(self, class_type: str, column: int, title: Optional[str] = None, inputs: Optional[dict] = None,
+            **kwargs: Any) -> tuple[Out, ...]:
+        """Add a node; ``kwargs`` (and ``inputs``, for input names such as 'title' that clash with this method's
+        own parameters) give widget values or connect sockets to outputs (``Out``)."""
+        kwargs.update(inputs or {})
         if class_type not in self.info:
             raise KeyError(f"unknown node type {class_type}")
         if not 0 <= column < len(self.stages):

@@ -141,3 +141,11 @@ EXAMPLES.update(_INVERSION)
 from .examples_subject import EXAMPLES as _SUBJECT  # noqa: E402
 
 EXAMPLES.update(_SUBJECT)
+
+from .examples_dreambooth import EXAMPLES as _DREAMBOOTH  # noqa: E402
+
+EXAMPLES.update(_DREAMBOOTH)
+
+from .examples_metrics import EXAMPLES as _METRICS  # noqa: E402
+
+EXAMPLES.update(_METRICS)

@@ -20,11 +20,14 @@ _SCALES_NOTE = (
 )
 
 
-def _ip2p_inputs(g: Graph, column: int = 0):
+def _ip2p_inputs(g: Graph, column: int = 0, out: dict | None = None):
+    """Checkpoint + photo + InstructPix2Pix Encode; ``out`` (if given) also receives the photo as 'image'."""
     model, clip, vae = g.add("CheckpointLoaderSimple", column, ckpt_name=IP2P_CHECKPOINT)
     image, _mask = g.add("LoadImage", column, image=PHOTO_IMAGE)
     both, image_only, neither, latent = g.add("EditLabInstructPix2PixEncode", column + 1, clip=clip, vae=vae,
                                               image=image, instruction=INSTRUCTION, negative="")
+    if out is not None:
+        out["image"] = image
     return model, vae, both, image_only, neither, latent
 
 
@@ -54,24 +57,35 @@ def ip2p_edit(info: dict) -> dict:
     return g.to_json()
 
 
+IMAGE_SCALES = (1.0, 1.5, 2.0)
+TEXT_SCALES = (3.0, 7.5, 12.0)
+
+
 def ip2p_scale_sweep(info: dict) -> dict:
-    image_scales = (1.0, 1.5, 2.0)
-    text_scales = (3.0, 7.5, 12.0)
     g = Graph(info, stages=["load", "encode (three levels)", "sampling settings"]
-              + [f"row s_I = {s_i}: s_T {', '.join(map(str, text_scales))}" for s_i in image_scales for _ in range(3)])
+              + [f"row s_I = {s_i}: s_T {', '.join(map(str, TEXT_SCALES))}" for s_i in IMAGE_SCALES for _ in range(3)])
     g.note(
         "## InstructPix2Pix: scale sweep (s_I x s_T)\n\n"
         "The same photo, instruction and seed, sampled for every pair of image scale s_I (rows:\n"
-        f"{', '.join(map(str, image_scales))}) and text scale s_T (within a row, left to right:\n"
-        f"{', '.join(map(str, text_scales))}). Each row is saved as one batch of images.\n\n"
+        f"{', '.join(map(str, IMAGE_SCALES))}) and text scale s_T (within a row, left to right:\n"
+        f"{', '.join(map(str, TEXT_SCALES))}). Each row is saved as one batch of images.\n\n"
         "Read it like the paper's Fig. 4: down the rows the result stays closer to the photo; along a\n"
         "row the edit gets stronger. Pick the pair you like and use it in the edit workflow.\n\n"
         + _SCALES_NOTE,
         width=480)
-    model, vae, both, image_only, neither, latent = _ip2p_inputs(g)
+    ip2p_sweep_rows(g, _ip2p_inputs(g))
+    return g.to_json()
+
+
+def ip2p_sweep_rows(g: Graph, inputs: tuple) -> list:
+    """One row per s_I (IMAGE_SCALES), one image per s_T (TEXT_SCALES) within it, each row saved as a batch;
+    the rows' IMAGE batches are returned (the scored sweep measures them)."""
+    image_scales, text_scales = IMAGE_SCALES, TEXT_SCALES
+    model, vae, both, image_only, neither, latent = inputs
     (sampler,) = g.add("KSamplerSelect", 2, sampler_name="euler_ancestral")
     (sigmas,) = g.add("BasicScheduler", 2, model=model, scheduler="normal", steps=20, denoise=1.0)
     (noise,) = g.add("RandomNoise", 2)
+    rows = []
     for row, s_i in enumerate(image_scales):
         images = None
         for s_t in text_scales:
@@ -86,7 +100,8 @@ def ip2p_scale_sweep(info: dict) -> dict:
                 (images,) = g.add("ImageBatch", 5 + row * 3, image1=images, image2=decoded)
         g.add("SaveImage", 5 + row * 3, title=f"row s_I = {s_i}", images=images,
               filename_prefix=f"editlab_ip2p_sweep_sI{s_i}")
-    return g.to_json()
+        rows.append(images)
+    return rows
 
 
 def extra_condition_balance(info: dict) -> dict:

@@ -1,7 +1,9 @@
 """Example workflows of the inversion suite (see examples.py for the conventions)."""
 from __future__ import annotations
 
-from .builder import Graph
+from typing import Callable
+
+from .builder import Graph, Out
 from .examples import CHECKPOINT, PHOTO_IMAGE
 
 MODES = ("plain", "null-text", "negative-prompt", "direct")
@@ -98,14 +100,16 @@ EXAMPLES = {
 
 
 def _p2p_real_photo(info: dict, *, mode: str, note: str, prefix: str, blend_words: str,
-                    self_replace_steps: float) -> dict:
+                    self_replace_steps: float, then: Callable | None = None, extra_stages: tuple = ()) -> dict:
+    """The real-photo Prompt-to-Prompt graph; ``then(g, ends)`` may add nodes (ends: image, mask, decoded rows,
+    the prompts)."""
     from .examples_p2p import p2p_graph
     from .examples_subject import REAL_PHOTO_STAGES
 
-    g = Graph(info, stages=REAL_PHOTO_STAGES)
+    g = Graph(info, stages=REAL_PHOTO_STAGES + list(extra_stages))
     g.note(note, width=520)
     model, clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=CHECKPOINT)
-    image, _mask = g.add("LoadImage", 0, image=PHOTO_IMAGE)
+    image, mask = g.add("LoadImage", 0, image=PHOTO_IMAGE)
     (latent,) = g.add("VAEEncode", 1, pixels=image, vae=vae)
     source, target = "a photo of a lake with a boat", "a photo of a lake with a swan"
     p = p2p_graph(g, source=source, target=target, mode="replace", blend_words=blend_words,
@@ -115,14 +119,16 @@ def _p2p_real_photo(info: dict, *, mode: str, note: str, prefix: str, blend_word
     inv, noise, sigmas = g.add("EditLabDDIMInvert", 2, model=model, positive=src, latent=latent, steps=50)
     if mode == "null-text":
         (inv,) = g.add("EditLabNullTextOptimize", 2, model=model, inversion=inv, negative=p["negative"])
-    edit_rows_from_inversion(g, model=p["model"], inv=inv, positive=p["positive"], negative=p["negative"],
-                             noise=noise, sigmas=sigmas, edit=p["edit"], latent=latent, vae=vae, mode=mode,
-                             prefix=prefix)
+    decoded = edit_rows_from_inversion(g, model=p["model"], inv=inv, positive=p["positive"], negative=p["negative"],
+                                       noise=noise, sigmas=sigmas, edit=p["edit"], latent=latent, vae=vae, mode=mode,
+                                       prefix=prefix)
+    if then is not None:
+        then(g, {"image": image, "mask": mask, "decoded": decoded, "source": source, "target": target})
     return g.to_json()
 
 
 def edit_rows_from_inversion(g: Graph, *, model, inv, positive, negative, noise, sigmas, edit, latent, vae,
-                             mode: str, prefix: str) -> None:
+                             mode: str, prefix: str) -> Out:
     """The end of every real-photo edit graph: the edit's rows from DDIM Invert's noise through the Inversion
     Guider (euler on the inversion's SIGMAS), decoded and saved, the source row's PSNR and the attention maps."""
     (rows,) = g.add("EditLabP2PLatentBatch", 3, latent=noise, edit=edit)
@@ -130,11 +136,12 @@ def edit_rows_from_inversion(g: Graph, *, model, inv, positive, negative, noise,
                       negative=negative, mode=mode, cfg=7.5)
     (off,) = g.add("DisableNoise", 3)
     (sampler,) = g.add("KSamplerSelect", 3, sampler_name="euler")
-    out, _decoded = g.sample_decode(4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
-                                    latent=rows, vae=vae, prefix=prefix)
+    out, decoded = g.sample_decode(4, noise=off, guider=guider, sampler=sampler, sigmas=sigmas,
+                                   latent=rows, vae=vae, prefix=prefix)
     g.add("EditLabReconstructionPSNR", 4, title="Source row PSNR", reconstruction_latent=out, original_latent=latent)
     (maps,) = g.add("EditLabAttentionMaps", 5, model=model, samples=out, tile_size=128)
     g.add("SaveImage", 5, images=maps, filename_prefix=prefix + "_maps")
+    return decoded
 
 
 def p2p_real_null_text_blend(info: dict) -> dict:

@@ -105,6 +105,10 @@ def boot(comfyui_path: str, *, all_custom_nodes: bool = False, quiet: bool = Tru
         comfy.cli_args.args.base_directory = os.path.abspath(base_directory)  # read by folder_paths on import
     import comfy.utils
     import comfy.model_management
+    # ComfyUI's nodes.py puts comfy/ first on sys.path, after which a bare `import utils` finds comfy/utils.py,
+    # not ComfyUI's utils/ package: main.py imports the package first, so the extras that import `server`
+    # (Image From Batch, Image Stitch...) load. Do the same, or they fail to import and vanish silently.
+    import utils.install_util  # noqa: F401
     import nodes
     import execution  # noqa: F401  (imports the executor with the nodes)
 
@@ -260,6 +264,7 @@ def run_prompt(prompt: dict, *, output_dir: Optional[str] = None, executor=None)
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
         folder_paths.set_output_directory(os.path.abspath(output_dir))
+    os.makedirs(folder_paths.get_temp_directory(), exist_ok=True)  # as main.py does at start (Plot Loss Graph needs it)
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:

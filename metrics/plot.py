@@ -31,6 +31,27 @@ def parse_series(text: str) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
+def parse_x_values(text: str, n: int) -> list[float]:
+    """A sweep's x values, 'a, b, c' (one per image row); empty -> 0, 1, ... n-1 (the row index)."""
+    parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+    if not parts:
+        return [float(i) for i in range(n)]
+    try:
+        xs = [float(p) for p in parts]
+    except ValueError:
+        raise EditLabError(f"x_values {text!r}: give one number per image, separated by commas") from None
+    if len(xs) != n:
+        raise EditLabError(f"x_values has {len(xs)} numbers for {n} images; give one per image (or leave it empty "
+                           "for the row index)")
+    return xs
+
+
+def format_points(series: str, xs: list[float], ys: list[float]) -> str:
+    """'series, x, y' lines (parse_series' format), so sweep nodes can feed Metric Plot through string nodes."""
+    name = series.replace("\n", " ").strip() or "series"
+    return "\n".join(f"{name}, {x:.6g}, {y:.6g}" for x, y in zip(xs, ys))
+
+
 def plot_series(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, title: str = "",
                 width: int = 640, height: int = 480) -> torch.Tensor:
     """The curves as a ComfyUI IMAGE [1,height,width,3] in [0,1]."""

@@ -23,7 +23,7 @@ from comfy_api.latest import io
 
 from ..metrics import edit, embed
 from ..metrics import models as mm
-from ..metrics.plot import parse_series, plot_series
+from ..metrics.plot import format_points, parse_series, plot_series
 from .common import CATEGORY, EditLabError, EditLabNode, check_choice
 
 METRICS_CATEGORY = f"{CATEGORY}/Metrics"
@@ -268,14 +268,19 @@ class DirectionalCLIP(EditLabNode):
                 _clip_input("CLIP model."),
                 io.String.Input("caption_before", default="", multiline=True, tooltip="A caption of the source."),
                 io.String.Input("caption_after", default="", multiline=True, tooltip="A caption of the intended edit."),
+                io.String.Input("series", default="", optional=True,
+                                tooltip="The name of these rows' curve in Metric Plot (e.g. 's_I=1.5'); see 'points'."),
             ],
             outputs=[io.Float.Output(display_name="directional", tooltip="Mean CLIP directional similarity."),
                      io.Float.Output(display_name="image_similarity", tooltip="Mean CLIP image similarity."),
-                     io.String.Output(display_name="report", tooltip="Both values and every row.")],
+                     io.String.Output(display_name="report", tooltip="Both values and every row."),
+                     io.String.Output(display_name="points",
+                                      tooltip="'series, image_similarity, directional' per row, for Metric Plot "
+                                              "(InstructPix2Pix's Fig. 8 axes).")],
         )
 
     @classmethod
-    def execute(cls, source, edited, clip_model, caption_before, caption_after) -> io.NodeOutput:
+    def execute(cls, source, edited, clip_model, caption_before, caption_after, series="") -> io.NodeOutput:
         from ..metrics.pixel import as_bchw, pair
         if not caption_before.strip() or not caption_after.strip():
             raise EditLabError("directional similarity needs both captions (before and after the edit)")
@@ -289,7 +294,8 @@ class DirectionalCLIP(EditLabNode):
         s = (a * b).sum(-1)
         report = (f"{clip.label}: directional {d.mean():.4f}, image similarity {s.mean():.4f}; rows: "
                   + "; ".join(f"{x:.4f}/{y:.4f}" for x, y in zip(d.tolist(), s.tolist())))
-        return io.NodeOutput(float(d.mean()), float(s.mean()), report)
+        points = format_points(series or "edit", s.tolist(), d.tolist())
+        return io.NodeOutput(float(d.mean()), float(s.mean()), report, points)
 
 
 class MetricPlot(EditLabNode):

@@ -61,6 +61,11 @@ def _write_inputs(folder: Path) -> None:
     Image.fromarray(np.concatenate([photo, alpha], axis=2), "RGBA").save(folder / "editlab_photo.png")
     # A "subject" photo (its own picture, for the subject encoder).
     Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(folder / "editlab_subject.png")
+    # A subject set for DreamBooth: a subfolder of three photos (Load Image Dataset from Folder).
+    subject_set = folder / "editlab_subject"
+    subject_set.mkdir(exist_ok=True)
+    for i in range(3):
+        Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(subject_set / f"subject_{i}.png")
 
 
 @pytest.fixture(scope="session")

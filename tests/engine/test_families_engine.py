@@ -85,25 +85,12 @@ def test_sdxl_inversion_modes(sdxl):
 @pytest.fixture(scope="module")
 def lora_model(engine, sd15):
     """SD1.5 + a random LoRA on every cross-attention projection, through the stock loader."""
-    import comfy.lora
     import folder_paths
     import nodes
-    from safetensors.torch import save_file
+    import random_models
     model = sd15[0]
-    keys = comfy.lora.model_lora_keys_unet(model.model, {})
-    sd = model.model.state_dict()
-    g = torch.Generator().manual_seed(7)
-    lora = {}
-    for name, target in keys.items():
-        if name.startswith("lora_unet_") and "attn2_to_" in name and sd[target].ndim == 2:
-            out_f, in_f = sd[target].shape
-            lora[f"{name}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.05
-            lora[f"{name}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.05
-            lora[f"{name}.alpha"] = torch.tensor(4.0)
-    assert lora, "no cross-attention LoRA keys found"
     folder = engine.root / "models" / "loras"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(lora, str(folder / "editlab_random_lora.safetensors"))
+    random_models.write_random_lora(model, folder / "editlab_random_lora.safetensors", seed=7)
     folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
     folder_paths.filename_list_cache.clear()
     with torch.inference_mode():

@@ -115,7 +115,7 @@ def test_subject_clip_score_directional_and_plot(comfy, tmp_path):
     assert -1 <= clip_t <= 1
     cosine, score, _ = _outputs(res, "5")
     assert cosine == pytest.approx(1, abs=1e-5) and score == pytest.approx(100, abs=1e-3)
-    directional, image_sim, _ = _outputs(res, "6")
+    directional, image_sim, _, _points = _outputs(res, "6")
     assert -1 <= directional <= 1 and image_sim < 1 - 1e-4  # two different colours
     assert tuple(_outputs(res, "7")[0].shape) == (1, 150, 200, 3)
 
@@ -143,3 +143,34 @@ def test_subject_metrics_take_clip_i_from_a_comfyui_clip_vision_model(comfy):
     dino, clip_i, clip_t, report = out.result
     assert vision.calls == 2 and clip_i == pytest.approx(0.0, abs=1e-6)
     assert "clip_vision" in report and -1 <= clip_t <= 1 and -1 <= dino <= 1
+
+
+def test_sweep_metric_and_directional_points_feed_metric_plot(comfy, tmp_path):
+    """A sweep of two colours against a guide -> points -> Concatenate -> Metric Plot, on ComfyUI's executor."""
+    runner, _ = comfy
+    prompt = {
+        "1": _image(0x204080), "2": _image(0x204080), "3": _image(0x802010),
+        "4": {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["3", 0]}},
+        "5": {"class_type": "EditLabSweepMetric", "inputs": {
+            "images": ["4", 0], "metric": "l2", "x_values": "0.3, 0.6", "series": "L2 to guide",
+            "clip_model": "clip-vit-large-patch14", "dino_model": "dino-vits16", "lpips_net": "alex",
+            "reference": ["1", 0]}},
+        "6": {"class_type": "EditLabDirectionalCLIP", "inputs": {
+            "source": ["1", 0], "edited": ["4", 0], "clip_model": "clip-vit-large-patch14",
+            "caption_before": "a blue square", "caption_after": "a red square", "series": "s_I=1.5"}},
+        "7": {"class_type": "StringConcatenate", "inputs": {"string_a": ["5", 0], "string_b": ["6", 3],
+                                                            "delimiter": "\n"}},
+        "8": {"class_type": "EditLabMetricPlot", "inputs": {"data": ["7", 0], "x_label": "x", "y_label": "y",
+                                                            "title": "", "width": 200, "height": 150}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    res = runner.run_prompt(prompt, output_dir=str(tmp_path))
+    points, mean, report = _outputs(res, "5")
+    lines = points.splitlines()
+    assert lines[0] == "L2 to guide, 0.3, 0" and lines[1].startswith("L2 to guide, 0.6, ")
+    assert float(lines[1].rsplit(",", 1)[1]) > 1  # a different colour over 32x32 px: far from the guide
+    assert mean == pytest.approx(float(lines[1].rsplit(",", 1)[1]) / 2, rel=1e-4)
+    directional, image_sim, _, dpoints = _outputs(res, "6")
+    assert [p.split(",")[0] for p in dpoints.splitlines()] == ["s_I=1.5", "s_I=1.5"]
+    assert float(dpoints.splitlines()[0].split(",")[1]) == pytest.approx(1, abs=1e-4)  # same image: similarity 1
+    assert tuple(_outputs(res, "8")[0].shape) == (1, 150, 200, 3)

@@ -64,3 +64,12 @@ def test_tooltips_reach_the_frontend_definition(engine):
         if len(tips) != len(info["output"]) or not all(tips):
             problems.append(f"{node_id} outputs {tips}")
     assert not problems, problems
+
+
+def test_the_runner_loads_the_core_nodes_that_import_the_server(engine):
+    """Regression: ComfyUI's nodes.py puts comfy/ first on sys.path, so without main.py's early import of the
+    utils/ package, comfy_extras files that import `server` (nodes_images: Image From Batch, Image Stitch) failed
+    to import inside the headless runner and their nodes were silently missing from every headless run."""
+    import nodes
+    for name in ("ImageFromBatch", "ImageStitch", "PreviewAny", "StringReplace", "LoadImageSetFromFolderNode"):
+        assert name in nodes.NODE_CLASS_MAPPINGS, f"core node {name} is not loaded in the headless runner"

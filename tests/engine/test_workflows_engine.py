@@ -9,8 +9,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
-# Small everywhere: 3 steps, 2 null-text iterations, 3 t0-search runs, 64 px.
-FAST = {"steps": 3, "max_runs": 3, "inner_steps": 2, "width": 64, "height": 64}
+# Small everywhere: 3 steps, 2 null-text iterations, 3 t0-search runs, 64 px, 2 class-prior images.
+# LPIPS on the small SqueezeNet backbone (the random stand-in written below) instead of the examples' AlexNet.
+FAST = {"steps": 3, "max_runs": 3, "inner_steps": 2, "width": 64, "height": 64, "count": 2, "lpips_net": "squeeze"}
 IP2P_CHECKPOINT = "instruct-pix2pix-00-22000.safetensors"
 
 
@@ -33,6 +34,7 @@ def _ensure_checkpoints(engine, workflow: dict) -> None:
                 random_models.build_sd15_controlnet(path, base.model.model_config.unet_config)
             folder_paths.add_model_folder_path("controlnet", str(path.parent), is_default=True)
             folder_paths.filename_list_cache.clear()
+    _ensure_loras_and_metric_models(engine, workflow)
     if any(n["type"] == "EditLabSubjectEncoderLoader" for n in workflow["nodes"]):
         from random_subject_encoder import write_subject_encoder_folder
         base = engine.root / "models" / "blip_diffusion"
@@ -40,6 +42,33 @@ def _ensure_checkpoints(engine, workflow: dict) -> None:
             write_subject_encoder_folder(base / "blipdiffusion", seed=0, width=768)
         folder_paths.add_model_folder_path("blip_diffusion", str(base), is_default=True)
         folder_paths.filename_list_cache.clear()
+
+
+def _ensure_loras_and_metric_models(engine, workflow: dict) -> None:
+    """Random stand-ins for the LoRA files (a DreamBooth subject) and the metric models the workflows name."""
+    import folder_paths
+    import random_metric_models as rmm
+    import random_models
+    loras = {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoraLoaderModelOnly"}
+    folder = engine.root / "models" / "loras"
+    for name in loras - {p.name for p in folder.glob("*.safetensors")}:
+        import nodes
+        with torch.inference_mode():
+            base = nodes.CheckpointLoaderSimple().load_checkpoint(engine.checkpoint)[0]
+        random_models.write_random_lora(base, folder / name, seed=3)
+    if loras:
+        folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+        folder_paths.filename_list_cache.clear()
+    metric_nodes = {"EditLabEditMetrics", "EditLabSubjectMetrics", "EditLabSweepMetric", "EditLabDirectionalCLIP",
+                    "EditLabCLIPScore"}
+    if any(n["type"] in metric_nodes for n in workflow["nodes"]):
+        root = engine.root / "models" / "editlab_metrics"
+        if not (root / "clip-vit-large-patch14").exists():
+            rmm.write_clip(root / "clip-vit-large-patch14")
+            rmm.write_vit(root / "dino-vitb8", seed=1)
+            rmm.write_vit(root / "dino-vits16", seed=2)
+            rmm.write_lpips_backbone(root / "lpips")
+        folder_paths.add_model_folder_path("editlab_metrics", str(root), is_default=True)
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -55,7 +84,10 @@ def test_workflow_runs_end_to_end(engine, name):
     saves = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
     if saves:
         assert result.images, "the workflow saved no image"
+    plots = ("_curve", "_tradeoff", "_loss")  # Metric Plot / Plot Loss Graph images have the plot's own size
     for path in result.images:
+        if any(p in Path(path).name for p in plots):
+            continue
         with Image.open(path) as im:
             assert im.size[0] == im.size[1] == 64 or im.size[0] % 64 == 0  # grids are multiples
     for nid, node in prompt.items():

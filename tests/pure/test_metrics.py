@@ -223,3 +223,58 @@ def test_metric_plot_draws_the_series_and_rejects_bad_lines():
         parse_series("a, 1, 2\nb, x, 3")
     with pytest.raises(EditLabError, match="empty"):
         parse_series("# nothing\n")
+
+
+# ---- sweeps (one metric per image -> Metric Plot points) -----------------------------------------------
+
+def _bhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def test_sweep_metric_orders_a_sweep_by_distance_to_the_guide(loaded):
+    from editlab.metrics.sweep import SweepModels, sweep_values
+    guide = _images(seed=3, n=1)
+    # a sweep of growing departures from the guide, as SDEdit's output drifts further with larger t0
+    steps = torch.tensor([0.0, 0.1, 0.3, 0.6]).view(-1, 1, 1, 1)
+    sweep = (guide * (1 - steps) + steps * _images(seed=4, n=1)).clamp(0, 1)
+    models_ = SweepModels(clip=loaded.clip, lpips=loaded.lpips)
+    l2 = sweep_values("l2", _bhwc(sweep), _bhwc(guide), "", models_)
+    assert l2[0] == 0 and (l2.diff() > 0).all()
+    by_hand = ((sweep - guide) ** 2).flatten(1).sum(1).sqrt()
+    torch.testing.assert_close(l2, by_hand)
+    psnr = sweep_values("psnr", _bhwc(sweep), _bhwc(guide), "", models_)
+    assert math.isinf(psnr[0]) and (psnr[1:].diff() < 0).all()
+    clip_i = sweep_values("clip_i", _bhwc(sweep), _bhwc(guide), "", models_)
+    assert clip_i[0] == pytest.approx(1, abs=1e-5) and (clip_i[1:] < 1).all()
+    lp = sweep_values("lpips", _bhwc(sweep), _bhwc(guide), "", models_)
+    assert lp[0] == pytest.approx(0, abs=1e-6) and (lp[1:] > 0).all()
+    t = sweep_values("clip_t", _bhwc(sweep), None, "a photo", models_)
+    direct = embed.clip_t(embed.clip_image_embeds(loaded.clip, sweep), embed.clip_text_embeds(loaded.clip, ["a photo"]))
+    torch.testing.assert_close(t, direct)
+
+
+def test_sweep_metric_bad_inputs_are_clear_errors(loaded):
+    from editlab.metrics.sweep import SweepModels, sweep_values
+    imgs = _bhwc(_images(n=3))
+    with pytest.raises(EditLabError, match="reference"):
+        sweep_values("l2", imgs, None, "", SweepModels())
+    with pytest.raises(EditLabError, match="text"):
+        sweep_values("clip_t", imgs, None, " ", SweepModels(clip=loaded.clip))
+    with pytest.raises(EditLabError, match="2 reference images for 3"):
+        sweep_values("l2", imgs, imgs[:2], "", SweepModels())
+    with pytest.raises(EditLabError, match="not one of"):
+        sweep_values("fid", imgs, imgs, "", SweepModels())
+
+
+def test_sweep_points_round_trip_through_metric_plot_parsing():
+    from editlab.metrics.plot import format_points, parse_series, parse_x_values
+    xs = parse_x_values("0.3, 0.45; 0.6", 3)
+    assert xs == [0.3, 0.45, 0.6]
+    assert parse_x_values("", 3) == [0.0, 1.0, 2.0]
+    text = format_points("L2, to guide", xs, [1.5, 2.25, 4.0]) + "\n" + format_points("CLIP-T", xs, [0.2, 0.1, 0.05])
+    assert parse_series(text) == {"L2, to guide": [(0.3, 1.5), (0.45, 2.25), (0.6, 4.0)],
+                                  "CLIP-T": [(0.3, 0.2), (0.45, 0.1), (0.6, 0.05)]}
+    with pytest.raises(EditLabError, match="2 numbers for 3 images"):
+        parse_x_values("0.1, 0.2", 3)
+    with pytest.raises(EditLabError, match="one number per image"):
+        parse_x_values("0.1, low, 0.2", 3)

@@ -857,3 +857,29 @@ def build_sd15_controlnet(path: PathLike, unet_config: dict, seed: int = 11) -> 
     save_file(sd, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def write_random_lora(model: Any, path: PathLike, seed: int = 7, rank: int = 4, scale: float = 0.05) -> Path:
+    """A random LoRA on every cross-attention projection of ``model`` (a ComfyUI ModelPatcher), in the
+    kohya ``lora_unet_*`` layout that core LoraLoaderModelOnly reads; written atomically."""
+    import comfy.lora
+    from safetensors.torch import save_file
+
+    keys = comfy.lora.model_lora_keys_unet(model.model, {})
+    sd = model.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, target in keys.items():
+        if name.startswith("lora_unet_") and "attn2_to_" in name and sd[target].ndim == 2:
+            out_f, in_f = sd[target].shape
+            lora[f"{name}.lora_down.weight"] = torch.randn(rank, in_f, generator=gen) * scale
+            lora[f"{name}.lora_up.weight"] = torch.randn(out_f, rank, generator=gen) * scale
+            lora[f"{name}.alpha"] = torch.tensor(float(rank))
+    if not lora:
+        raise ValueError("no cross-attention LoRA keys found")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(lora, str(tmp))
+    os.replace(tmp, path)
+    return path
