@@ -6,11 +6,17 @@ prior preservation on), fp32, the same gradient-checkpointing setting: per-step 
 interleaved runs) and peak memory. Also the loss curves of the ``model`` (eps-MSE) and ``x0`` targets.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_dreambooth.py [--size 64] [--steps 6] [--repeats 3]
+
+Peak memory needs one process per side (in one process, memory the first side freed stays resident and
+hides the second side's peak): ``--memory`` starts a fresh process per side and repeat (``--side``), each
+loading the model, running one warm-up step, then measuring the training run's peak over its starting RSS.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +35,11 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--curve-steps", type=int, default=40)
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--memory", action="store_true", help="peak memory only, one fresh process per side and repeat")
+    ap.add_argument("--side", choices=("core", "ours"), help=argparse.SUPPRESS)  # a --memory child
     args = ap.parse_args()
+    if args.memory:
+        return memory(args)
     env = setup(args.work, diffusers=False)
     import nodes
 
@@ -57,6 +67,12 @@ def main() -> None:
                                 batch_size=1, seed=0, gradient_checkpointing=args.checkpointing, save_every=0,
                                 checkpoint_name="bench", resume=False).result
 
+    if args.side:  # a --memory child: warm up (first-call allocations), then the measured run
+        run = run_core if args.side == "core" else run_ours
+        run(1)
+        _, peak = run_with_peak(run)
+        print(json.dumps({"side": args.side, "peak_mib": peak}))
+        return
     times = interleaved_medians({"core": run_core, "ours": run_ours}, repeats=args.repeats)
     _, peak_core = run_with_peak(run_core)
     _, peak_ours = run_with_peak(run_ours)
@@ -70,6 +86,22 @@ def main() -> None:
         "memory_ratio_ours_over_core": peak_ours / peak_core if peak_core > 0 else None,
         "loss_curves": {t: {"first5": c["instance"][:5], "last5": c["instance"][-5:]} for t, c in curves.items()},
     }, indent=1))
+
+
+def memory(args: argparse.Namespace) -> None:
+    """Peak memory per side, each in fresh processes (alternating), medians and the ratio."""
+    peaks: dict[str, list[float]] = {"core": [], "ours": []}
+    flags = ["--size", str(args.size), "--steps", str(args.steps), "--rank", str(args.rank), "--work", args.work]
+    flags += ["--checkpointing"] if args.checkpointing else []
+    for _ in range(args.repeats):
+        for side in ("core", "ours"):
+            out = subprocess.run([sys.executable, __file__, "--side", side, *flags], check=True, capture_output=True,
+                                 text=True).stdout
+            peaks[side].append(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+    med = {k: statistics.median(v) for k, v in peaks.items()}
+    print(json.dumps({"machine": machine(), "size_px": args.size, "steps": args.steps, "rank": args.rank,
+                      "gradient_checkpointing": args.checkpointing, "peak_mib_runs": peaks, "peak_mib_median": med,
+                      "memory_ratio_ours_over_core": med["ours"] / med["core"] if med["core"] > 0 else None}, indent=1))
 
 
 if __name__ == "__main__":
