@@ -1,7 +1,9 @@
-"""Sweep Metric: one metric per image of a sweep, as 'series, x, y' points for Metric Plot (docs/methods.md §9).
+"""Set-level metric nodes (docs/methods.md §9).
 
-SDEdit's realism-faithfulness trade-off over t0 (L2 to the guide, CLIP-T to the prompt), or any other setting
-swept over a batch of images, becomes a curve: Sweep Metric -> (Concatenate several series) -> Metric Plot.
+- ``EditLabSweepMetric``: one metric per image of a sweep, as 'series, x, y' points for Metric Plot. SDEdit's
+  realism-faithfulness trade-off over t0 (L2 to the guide, CLIP-T to the prompt), or any other setting swept over
+  a batch of images, becomes a curve: Sweep Metric -> (Concatenate several series) -> Metric Plot.
+- ``EditLabKID``: Kernel Inception Distance between two image sets (SDEdit's realism measure).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from comfy_api.latest import io
 from ..metrics import models as mm
 from ..metrics.plot import format_points, parse_x_values
 from ..metrics.sweep import SWEEP_METRICS, SweepModels, sweep_values
-from .common import check_choice
+from .common import EditLabError, check_choice
 from .metrics import METRICS_CATEGORY, EditLabNode, _choices, _clip_input, load_clip, load_vit, on_device, search_dirs
 
 
@@ -69,4 +71,44 @@ class SweepMetric(EditLabNode):
         return io.NodeOutput(format_points(series or metric, xs, ys), sum(ys) / len(ys), report)
 
 
-NODES = [SweepMetric]
+class KID(EditLabNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditLabKID",
+            display_name="KID (Kernel Inception Distance)",
+            category=METRICS_CATEGORY,
+            description="Kernel Inception Distance between a real and a generated image set (SDEdit's realism "
+                        "measure): the unbiased polynomial-kernel MMD^2 of Inception-v3 pool features, averaged "
+                        "over random subsets (torchmetrics' estimator). Lower = the sets look alike. Needs at least "
+                        "2 images per set; meaningful with dozens to thousands.",
+            inputs=[
+                io.Image.Input("real", tooltip="The reference set (e.g. real photos, or the sources of the edits)."),
+                io.Image.Input("generated", tooltip="The set to judge (e.g. the edited / generated images)."),
+                io.Int.Input("subsets", default=100, min=1, max=10000, tooltip="Random subsets averaged (torchmetrics: 100)."),
+                io.Int.Input("subset_size", default=1000, min=2, max=100000,
+                             tooltip="Images per subset, capped at the smaller set (torchmetrics: 1000)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the subset draws."),
+            ],
+            outputs=[io.Float.Output(display_name="kid", tooltip="Mean KID over the subsets."),
+                     io.Float.Output(display_name="kid_std", tooltip="Standard deviation over the subsets."),
+                     io.String.Output(display_name="report", tooltip="Both values, the set sizes and the model.")],
+        )
+
+    @classmethod
+    def execute(cls, real, generated, subsets, subset_size, seed) -> io.NodeOutput:
+        from ..metrics import kid
+        from ..metrics.pixel import as_bchw
+        r, g = as_bchw(real, "real"), as_bchw(generated, "generated")
+        if min(r.shape[0], g.shape[0]) < 2:  # before loading Inception
+            raise EditLabError(f"KID needs at least 2 images in each set; got {r.shape[0]} real and {g.shape[0]} "
+                               "generated (batch the images first)")
+        net = mm.load_inception(search_dirs())
+        on_device(net.module)
+        mean, std = kid.kid(kid.features(net.module, r), kid.features(net.module, g), subsets=subsets,
+                            subset_size=subset_size, seed=seed)
+        report = f"KID ({net.label}, {r.shape[0]} real vs {g.shape[0]} generated): {mean:.5f} ± {std:.5f}"
+        return io.NodeOutput(mean, std, report)
+
+
+NODES = [SweepMetric, KID]

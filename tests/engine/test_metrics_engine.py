@@ -174,3 +174,39 @@ def test_sweep_metric_and_directional_points_feed_metric_plot(comfy, tmp_path):
     assert [p.split(",")[0] for p in dpoints.splitlines()] == ["s_I=1.5", "s_I=1.5"]
     assert float(dpoints.splitlines()[0].split(",")[1]) == pytest.approx(1, abs=1e-4)  # same image: similarity 1
     assert tuple(_outputs(res, "8")[0].shape) == (1, 150, 200, 3)
+
+
+def test_kid_node_is_about_zero_for_a_set_with_itself_and_grows_with_a_shift(comfy, tmp_path):
+    runner, root = comfy
+    if not (root / "inception").exists():
+        rmm.write_inception(root / "inception")
+
+    def noisy(seed: int, shift: float) -> dict:
+        return {"class_type": "ImageAddNoise", "inputs": {"image": ["base", 0], "seed": seed, "strength": 0.5 + shift}}
+
+    prompt = {
+        "base": _image(0x606060, 6),
+        "a": noisy(1, 0.0), "b": noisy(2, 0.0), "c": noisy(3, 0.5),
+        "same": {"class_type": "EditLabKID", "inputs": {"real": ["a", 0], "generated": ["a", 0], "subsets": 20,
+                                                         "subset_size": 6, "seed": 0}},
+        "alike": {"class_type": "EditLabKID", "inputs": {"real": ["a", 0], "generated": ["b", 0], "subsets": 20,
+                                                          "subset_size": 6, "seed": 0}},
+        "shifted": {"class_type": "EditLabKID", "inputs": {"real": ["a", 0], "generated": ["c", 0], "subsets": 20,
+                                                            "subset_size": 6, "seed": 0}},
+        **{f"show_{k}": {"class_type": "PreviewAny", "inputs": {"source": [k, 2]}} for k in ("same", "alike", "shifted")},
+    }
+    res = runner.run_prompt(prompt, output_dir=str(tmp_path))
+    same, alike, shifted = (_outputs(res, k)[0] for k in ("same", "alike", "shifted"))
+    assert abs(same) < 1e-6  # identical sets: every subset pair is the same set
+    assert shifted > alike  # stronger noise = a different distribution of features
+    assert "6 real vs 6 generated" in _outputs(res, "shifted")[2]
+
+
+def test_kid_node_refuses_a_single_image_before_loading_a_model(comfy, tmp_path):
+    runner, _ = comfy
+    prompt = {"1": _image(0x606060, 1), "2": _image(0x606060, 3),
+              "3": {"class_type": "EditLabKID", "inputs": {"real": ["1", 0], "generated": ["2", 0], "subsets": 5,
+                                                           "subset_size": 5, "seed": 0}},
+              "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}}}
+    with pytest.raises(Exception, match="at least 2 images in each set; got 1 real"):
+        runner.run_prompt(prompt, output_dir=str(tmp_path))
