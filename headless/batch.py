@@ -42,6 +42,27 @@ class Source:
     rows: Callable[[], Iterator[tuple[str, dict]]]
     path_columns: tuple[str, ...] = ()
     spec: str = ""  # the --data value, resolved: part of the run's identity
+    # columns whose file the runner makes from the row when a binding needs it: column -> fn(row_id, row, out)
+    # returning the file's path under OUT (e.g. PIE-Bench's RLE masks decoded to pictures)
+    derived: dict[str, Callable[[str, dict, str], str]] = field(default_factory=dict)
+
+
+def _pie_mask_file(row_id: str, row: dict, out: str) -> str:
+    """PIE-Bench's RLE edit mask as a picture (white = edited, 512 x 512 like its images), written once under
+    ``OUT/_masks/`` (atomically): bind it to a Load Image (Mask) node, e.g. ``--bind LoadImageMask.image=mask_path``."""
+    path = os.path.join(out, "_masks", safe_id(row_id) + ".png")
+    if not os.path.isfile(path):
+        import numpy as np
+        from PIL import Image
+        from ..metrics.datasets import decode_rle
+        rle = row.get("mask_rle")
+        if not isinstance(rle, list) or len(rle) % 2:
+            raise ValueError(f"its 'mask' is not PIE-Bench's RLE list of (start, length) pairs: {str(rle)[:60]}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        Image.fromarray((decode_rle(rle, (512, 512)) * 255).astype(np.uint8), "L").save(tmp, format="PNG")
+        os.replace(tmp, path)
+    return path
 
 
 def _folder(root: str) -> Source:
@@ -93,13 +114,15 @@ def _pie_bench(root: str) -> Source:
             item = data[key]
             row = {k: v for k, v in item.items() if k != "mask"}  # the RLE mask is not a path or a widget value
             row["image_path"] = os.path.join(root, "annotation_images", item["image_path"])
+            row["mask_rle"] = item.get("mask")
+            row["mask_path"] = ""  # made from mask_rle when bound (Source.derived)
             for col in ("original_prompt", "editing_prompt"):
                 row[col + "_marked"] = item.get(col, "")
                 row[col] = item.get(col, "").replace("[", "").replace("]", "")
             yield key, row
     if not os.path.isfile(mapping):
         raise EditLabError(f"pie-bench layout: {mapping} not found (expected mapping_file.json and annotation_images/)")
-    return Source("pie-bench", root, rows, ("image_path",))
+    return Source("pie-bench", root, rows, ("image_path",), derived={"mask_path": _pie_mask_file})
 
 
 def _dreambench(root: str) -> Source:
@@ -310,7 +333,7 @@ def check_rows(plan: Plan) -> int:
             if b.column not in row:
                 raise EditLabError(f"--bind {b.label}={b.column}: row {row_id} has no column '{b.column}' "
                                    f"(columns: {', '.join(map(str, row))})")
-            if b.is_path:
+            if b.is_path and b.column not in plan.source.derived:
                 _confined(plan, row_id, b.column, row[b.column])
         n += 1
     if n == 0:
@@ -323,7 +346,10 @@ def make_task(plan: Plan, row_id: str, row: dict) -> dict:
     task: dict = {"row": safe_id(row_id), "inputs": {}, "set": []}
     try:
         for b in plan.bindings:
-            value = _confined(plan, row_id, b.column, row[b.column]) if b.is_path else row[b.column]
+            if b.column in plan.source.derived:  # a file the runner makes under OUT (confined by construction)
+                value = plan.source.derived[b.column](row_id, row, plan.out)
+            else:
+                value = _confined(plan, row_id, b.column, row[b.column]) if b.is_path else row[b.column]
             spec = None
             if plan.definitions and plan.prompt[b.node]["class_type"] in plan.definitions:
                 from .convert import ordered_inputs
@@ -529,7 +555,8 @@ def run_batch(plan: Plan, *, backend: str = "local", workers: Optional[int] = No
         try:
             if backend == "ray":
                 from . import batch_ray
-                workers = batch_ray.run(plan.worker_config, tasks(), emit, workers=requested, address=ray_address)
+                workers = batch_ray.run(plan.worker_config, tasks(), emit, workers=requested, address=ray_address,
+                                        total=plan.total)
             elif backend == "local":
                 from .batch_worker import LocalPool
                 LocalPool(plan.worker_config, workers, gpus=gpus, log_dir=os.path.join(plan.out, "logs")).run(tasks(), emit)

@@ -63,7 +63,7 @@ class RowActor:
 
 
 def run(config: dict, tasks: Iterator[dict], emit: Callable[[dict], None], *, workers: Optional[int] = None,
-        address: Optional[str] = None) -> int:
+        address: Optional[str] = None, total: int = 0) -> int:
     """Run the tasks on ``workers`` actors (default: one per GPU of the cluster, else 1); return that number."""
     try:
         import ray

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .convert import extra_values, is_widget, ordered_inputs
+from .convert import extra_values, has_control, is_widget, ordered_inputs
 
 # LiteGraph geometry (ComfyUI frontend 1.27): a node's title bar is drawn *above* pos[1]; a group's title
 # bar (font 24) is inside its bounding box, at the top.
@@ -109,9 +109,9 @@ class Graph:
                     inputs.append({"name": name, "type": _widget_type(spec), "widget": {"name": name}, "link": link})
                     value = _default(spec)
                 widgets.append(_default(spec) if value is None else value)
-                if _opts(spec).get("control_after_generate"):
+                if has_control(spec, name):
                     widgets.append("fixed")
-                if extra_values(spec) > (1 if _opts(spec).get("control_after_generate") else 0):
+                if extra_values(spec, name) > (1 if has_control(spec, name) else 0):
                     widgets.append("image")
             else:
                 entry = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None}

@@ -41,11 +41,21 @@ def is_widget(spec: Any) -> bool:
     return kind in WIDGET_TYPES
 
 
-def extra_values(spec: Any) -> int:
-    """How many hidden frontend widgets follow this widget in ``widgets_values``."""
+SEED_NAMES = ("seed", "noise_seed")  # the frontend gives these a control widget whatever the spec says
+
+
+def has_control(spec: Any, name: str = "") -> bool:
+    """Whether the frontend adds a 'control after generate' widget (and value) after this widget: the spec asks
+    for it, or the input is named seed / noise_seed (ComfyUI's frontend always adds one for those names)."""
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return bool(opts.get("control_after_generate")) or name in SEED_NAMES
+
+
+def extra_values(spec: Any, name: str = "") -> int:
+    """How many hidden frontend widgets follow this widget (named ``name``) in ``widgets_values``."""
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     extra = 0
-    if opts.get("control_after_generate"):
+    if has_control(spec, name):
         extra += 1
     if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
         extra += 1
@@ -143,7 +153,7 @@ def convert(workflow: dict, definitions: dict[str, dict],
                     value = wv.get(name)
                 else:
                     value = next(values, None)
-                    for _ in range(extra_values(spec)):
+                    for _ in range(extra_values(spec, name)):
                         next(values, None)
                 if (nid, name) in primitive_values:
                     value = primitive_values[(nid, name)]

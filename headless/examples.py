@@ -149,3 +149,11 @@ EXAMPLES.update(_DREAMBOOTH)
 from .examples_metrics import EXAMPLES as _METRICS  # noqa: E402
 
 EXAMPLES.update(_METRICS)
+
+from .examples_guidance import EXAMPLES as _GUIDANCE  # noqa: E402
+
+EXAMPLES.update(_GUIDANCE)
+
+from .examples_flow import EXAMPLES as _FLOW  # noqa: E402
+
+EXAMPLES.update(_FLOW)

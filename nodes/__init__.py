@@ -14,10 +14,13 @@ from . import p2p
 from . import subject
 from . import dreambooth
 from . import metrics
+from . import gradient_guidance
+from . import metric_sweep
+from . import flow_edit, rf_inversion
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*sdedit.NODES, *inversion.NODES, *dual_cfg.NODES, *p2p.NODES, *subject.NODES, *dreambooth.NODES, *metrics.NODES]
+    return [*sdedit.NODES, *inversion.NODES, *dual_cfg.NODES, *p2p.NODES, *subject.NODES, *dreambooth.NODES, *metrics.NODES, *metric_sweep.NODES, *gradient_guidance.NODES, *flow_edit.NODES, *rf_inversion.NODES]
 
 
 class EditLabExtension(ComfyExtension):

@@ -17,6 +17,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..errors import EditLabError
+from ..samplers import family as fam
 from ..samplers.sdedit import check_t0, tail_schedule
 
 CATEGORY = "EditLab"
@@ -89,18 +90,77 @@ def is_k_space(ms) -> bool:
     return bool(torch.allclose(probe, one))
 
 
+def family_of(base_model, ms) -> fam.ModelFamily:
+    """The model family (docs/methods.md §11) from ComfyUI's own objects: the model sampling in force and the base model.
+
+    - ``CONST`` model sampling (``x = (1 - sigma) x0 + sigma z``: SD3.x, Flux, AuraFlow, a ModelSamplingSD3 /
+      ModelSamplingFlux patch) is flow; it is *guidance-distilled* when the network takes the CFG scale as an
+      input (``unet_config["guidance_embed"]``: Flux-dev and its fine-tunes), so it has no unconditional branch;
+    - a model whose ``noise_scaling`` is ``x0 + sigma z`` (EPS / V-prediction / EDM) is k-space;
+    - anything else (X0, IMG_TO_IMG, Cosmos' RFLOW) is refused: no method here knows its parametrisation.
+
+    The class test is confirmed by probing the model's own ``noise_scaling`` against the family's formula,
+    so the pure samplers (which use ``samplers/family.py``) and the model can never disagree silently.
+    """
+    import comfy.model_sampling
+
+    if isinstance(ms, comfy.model_sampling.CONST) and _noise_scaling_matches(ms, fam.FLOW):
+        config = getattr(getattr(base_model, "model_config", None), "unet_config", None) or {}
+        return fam.FLOW_DISTILLED if config.get("guidance_embed") else fam.FLOW
+    if is_k_space(ms) and _noise_scaling_matches(ms, fam.K_SPACE):
+        return fam.K_SPACE
+    raise EditLabError(
+        f"the model ({model_type_name(base_model, ms)}) uses a noise parametrisation EditLab does not know "
+        "(neither x0 + sigma * noise nor (1 - sigma) * x0 + sigma * noise); use an SD1.x/SD2.x/SDXL, SD3.x or Flux model")
+
+
+def model_family(model) -> fam.ModelFamily:
+    """:func:`family_of` for a MODEL (ModelPatcher), with its object patches (ModelSamplingSD3 ...) in force."""
+    return family_of(model.model, model_sampling(model))
+
+
+def model_type_name(base_model, ms) -> str:
+    """``"Flux, model sampling ModelSamplingFlux/CONST"``: how a message names a model."""
+    kinds = "/".join(c.__name__ for c in type(ms).__mro__[1:] if c.__module__.startswith("comfy."))
+    return f"{type(base_model).__name__}, model sampling {kinds or type(ms).__name__}"
+
+
+def _noise_scaling_matches(ms, family: fam.ModelFamily) -> bool:
+    sigma = torch.tensor([0.25])
+    x0 = torch.full((1, 1, 1, 1), 2.0)
+    z = torch.full((1, 1, 1, 1), -1.0)
+    own = ms.noise_scaling(sigma, z.clone(), x0.clone(), max_denoise=False)
+    return bool(torch.allclose(own, fam.noise(family, x0, z, 0.25)))
+
+
+def noise_latent(ms, x0: torch.Tensor, z: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x0`` noised to ``sigma`` by the model's own ``noise_scaling`` (``x0 + sigma z`` or ``(1 - sigma) x0 + sigma z``)."""
+    level = torch.tensor([float(sigma)], dtype=x0.dtype)
+    return ms.noise_scaling(level, z.to(x0), x0.clone(), max_denoise=False)
+
+
+def refuse_no_uncond(what: str, base_model, ms, why: str) -> None:
+    """Refuse a method that needs an unconditional branch on a guidance-distilled model (docs/methods.md §11)."""
+    if family_of(base_model, ms).has_uncond:
+        return
+    raise EditLabError(
+        f"{what}: the model ({model_type_name(base_model, ms)}) is guidance-distilled (Flux-dev style: the CFG scale "
+        f"is an input of the network, set by FluxGuidance), so it has no unconditional branch and {why}. "
+        "Use a model with real classifier-free guidance (SD1.x, SDXL, SD3.x, Flux-schnell, a de-distilled Flux) "
+        "or a method that needs none (the Inversion Guider's direct or plain mode).")
+
+
 def refuse_flow_model(what: str, base_model, ms, instead: str = "") -> None:
     """Refuse a model that does not noise as ``x0 + sigma * z`` (SD3 / Flux rectified flow, docs/methods.md §11).
 
-    The pack's SDEdit, known-region, inversion and DreamBooth maths is k-space; on a flow model (marginal
-    ``(1 - sigma) x0 + sigma z``) it would run silently wrong. ``base_model``/``ms``: the model and the model
-    sampling in force (a MODEL's object patches included). Called before any work.
+    For the one node whose maths is still k-space only (DreamBooth's prior-preservation target); every
+    other node asks :func:`model_family` and follows the family. ``base_model``/``ms``: the model and the
+    model sampling in force (a MODEL's object patches included). Called before any work.
     """
     if is_k_space(ms):
         return
-    kinds = "/".join(c.__name__ for c in type(ms).__mro__[1:] if c.__module__.startswith("comfy."))
     raise EditLabError(
-        f"{what}: the model ({type(base_model).__name__}, model sampling {kinds or type(ms).__name__}) is a "
+        f"{what}: the model ({model_type_name(base_model, ms)}) is a "
         "flow-matching model (rectified flow: SD3, Flux), which is not supported yet; this needs an eps / "
         "v-prediction model that noises as x0 + sigma * noise (SD1.x, SD2.x, SDXL, without a ModelSamplingSD3 / "
         f"ModelSamplingFlux patch). {instead}".rstrip())
@@ -117,6 +177,7 @@ def t0_to_sigma(ms, t0: float) -> float:
     t0 is a fraction of the model's training timesteps, counted from clean (0) to pure noise (1):
     ``sigma(t0) = model_sampling.percent_to_sigma(1 - t0)``; for SD1.x that is
     ``sigma(timestep = t0 * 999)``, so t0 = 0.5 is the reference code's t = 500. t0 = 1 is sigma_max.
+    The same call serves flow models (SD3: ``shift t0 / (1 + (shift - 1) t0)``, ``family.flow_sigma``).
     """
     t0 = check_t0(t0)
     if t0 >= 1.0:
@@ -130,7 +191,8 @@ def sdedit_sigmas(model, t0: float, steps: int, scheduler: str) -> torch.Tensor:
         raise EditLabError(f"steps must be at least 1, got {steps}")
     check_choice(scheduler, comfy.samplers.SCHEDULER_NAMES, "scheduler")
     ms = model_sampling(model)
-    sigma0 = t0_to_sigma(ms, t0)
+    # A pre-noised flow latent cannot start at sigma 1 (the sampler multiplies it by 1 - sigma): cap it.
+    sigma0 = fam.cap_start(model_family(model), t0_to_sigma(ms, t0))
     total = max(steps, int(math.ceil(steps / check_t0(t0))))
     full = comfy.samplers.calculate_sigmas(ms, scheduler, total).cpu()
     return tail_schedule(full, sigma0, steps)

@@ -21,7 +21,7 @@ import node_helpers
 from comfy_api.latest import io
 
 from ..guidance.dual_cfg import SHAPES, DualCFG, ScaleSchedule, step_fraction
-from .common import CATEGORY, EditLabError, EditLabNode, check_choice, is_k_space, model_sampling
+from .common import CATEGORY, EditLabError, EditLabNode, check_choice, is_k_space, model_sampling, refuse_no_uncond
 
 DUAL_CFG_CATEGORY = f"{CATEGORY}/Dual CFG"
 IMAGE_KEY = "concat_latent_image"
@@ -239,6 +239,11 @@ class DualCFGCombiner(EditLabNode):
     @classmethod
     def execute(cls, model, both, base_only, neither, extra_scale, base_scale, schedule, extra_scale_end,
                 base_scale_end, rescale) -> io.NodeOutput:
+        # Flow models with real CFG (SD3.x) combine denoised predictions exactly as k-space ones do; a
+        # guidance-distilled model (Flux-dev) has no unconditional 'neither' prediction to contrast with.
+        refuse_no_uncond("Dual CFG Combiner", model.model, model_sampling(model),
+                         "dual classifier-free guidance (it contrasts three predictions, one unconditional) does "
+                         "not apply")
         check_pairing(model, both, base_only, neither)
         if "sampler_cfg_function" in model.model_options:
             raise EditLabError(

@@ -13,13 +13,24 @@ import comfy.model_management
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..samplers import family as fam
 from ..samplers.inversion import INPUT_SCALINGS, Inversion, check_schedule, psnr
 from ..samplers.null_text import NullTextConfig
 from . import fingerprint
-from .common import EditLabError, EditLabNode, Progress, check_choice, latent_samples, refuse_flow
+from .common import (
+    EditLabError,
+    EditLabNode,
+    Progress,
+    check_choice,
+    latent_samples,
+    model_family,
+    model_sampling,
+    refuse_no_uncond,
+)
 from .inversion_common import (
     INVERSION_CATEGORY,
     InversionType,
+    check_family,
     conditioning_tensors,
     source_conditioning,
 )
@@ -41,7 +52,9 @@ class DDIMInvert(EditLabNode):
                         "runs the sampling schedule backwards from the image latent with the source prompt and "
                         "keeps the whole trajectory (off the GPU). The step evaluates eps on the current latent at "
                         "the next level's timestep, as the reference does. Outputs the INVERSION, the noise latent "
-                        "x_T to start editing from (with DisableNoise) and the SIGMAS to sample with.",
+                        "x_T to start editing from (with DisableNoise) and the SIGMAS to sample with. On flow models "
+                        "(SD3.x, Flux) it is the first-order inversion of the flow ODE, x' = x + (sigma' - sigma) v; "
+                        "the top level is capped at 1 - 2^-10 so that x_T can be sampled with DisableNoise.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to invert with (edit with the same one)."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: a description of the input image."),
@@ -70,13 +83,17 @@ class DDIMInvert(EditLabNode):
     @classmethod
     def execute(cls, model, positive, latent, steps, scheduler, guidance, input_scaling, negative=None,
                 sigmas=None) -> io.NodeOutput:
-        refuse_flow(model, "DDIM Invert")
+        family = model_family(model)
         check_choice(input_scaling, INPUT_SCALINGS, "input_scaling")
+        fam.inversion_input_scale(family, input_scaling, 0.0, 0.5)  # refuses 'k-space' on flow, before any work
         samples = latent_samples(latent, "latent")
         emb, pooled = conditioning_tensors(positive, "positive")
         if emb.shape[0] not in (1, samples.shape[0]):
             raise EditLabError(f"the source conditioning has batch {emb.shape[0]} but the latent has {samples.shape[0]}; "
                                "use one prompt, or one per image")
+        if guidance != 1.0:
+            refuse_no_uncond("DDIM Invert", model.model, model_sampling(model),
+                             f"guidance {guidance} (real CFG while inverting) does not apply; set guidance 1")
         if guidance != 1.0 and negative is None:
             raise EditLabError("guidance != 1 needs a negative (unconditional) conditioning: connect one, or set guidance 1")
         if sigmas is None:
@@ -87,19 +104,29 @@ class DDIMInvert(EditLabNode):
             schedule_name = scheduler
         else:
             schedule_name = "custom"
-        sigmas = check_schedule(sigmas.float().cpu())
+        sigmas = check_schedule(_cap_flow_start(family, sigmas.float().cpu()))
         progress = Progress(len(sigmas) - 1)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative if negative is not None else positive)
         guider.set_cfg(guidance)
-        pass_ = InversionPass(input_scaling, progress)
+        pass_ = InversionPass(input_scaling, progress, family)
         x_t = guider.sample(torch.zeros_like(samples), samples, pass_, sigmas, disable_pbar=True, seed=0)
         inv = Inversion(sigmas=sigmas, trajectory=pass_.trajectory, source_embedding=emb.detach().float().cpu(),
                         source_pooled=None if pooled is None else pooled.detach().float().cpu(),
                         model_id=fingerprint.model_identity(model), guidance=float(guidance), scaling=input_scaling,
-                        meta={"steps": len(sigmas) - 1, "scheduler": schedule_name})
+                        meta={"steps": len(sigmas) - 1, "scheduler": schedule_name, "family": family.name})
         out = {"samples": x_t.to(comfy.model_management.intermediate_device()).float()}
         return io.NodeOutput(inv, out, sigmas.clone())
+
+
+def _cap_flow_start(family: fam.ModelFamily, sigmas: torch.Tensor) -> torch.Tensor:
+    """On flow, the top level capped at ``family.FLOW_SIGMA_CAP`` (levels not below it dropped): a sampler with
+    noise disabled starts from ``(1 - sigma0) * latent``, which carries nothing at sigma0 = 1."""
+    top = fam.cap_start(family, float(sigmas[0]))
+    if top == float(sigmas[0]):
+        return sigmas
+    rest = sigmas[1:][sigmas[1:] < top]
+    return torch.cat([sigmas.new_tensor([top]), rest])
 
 
 class NullTextOptimize(EditLabNode):
@@ -146,8 +173,11 @@ class NullTextOptimize(EditLabNode):
     @classmethod
     def execute(cls, model, inversion, negative, guidance, inner_steps, early_stop, early_stop_slope, learning_rate,
                 check_model, secant=False) -> io.NodeOutput:
-        refuse_flow(model, "Null-Text Optimize")
+        family = model_family(model)
+        refuse_no_uncond("Null-Text Optimize", model.model, model_sampling(model),
+                         "null-text inversion (it optimises the unconditional embedding) does not apply")
         inv: Inversion = inversion
+        check_family(inv, model, family)
         fingerprint.check_model(inv, model, check_model)
         emb, _ = conditioning_tensors(negative, "negative")
         if emb.shape[-1] != inv.source_embedding.shape[-1]:
@@ -159,7 +189,7 @@ class NullTextOptimize(EditLabNode):
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(source_conditioning(inv), negative)
         guider.set_cfg(guidance)
-        pass_ = NullTextPass(inv, config, progress)
+        pass_ = NullTextPass(inv, config, progress, family)
         x_t = inv.noise
         guider.sample(torch.zeros_like(x_t), torch.zeros_like(x_t), pass_, inv.sigmas, disable_pbar=True, seed=0)
         stats = pass_.stats

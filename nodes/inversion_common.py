@@ -8,8 +8,9 @@ import torch
 
 from comfy_api.latest import io
 
+from ..samplers.family import ModelFamily
 from ..samplers.inversion import Inversion
-from .common import CATEGORY, EditLabError
+from .common import CATEGORY, EditLabError, model_sampling, model_type_name
 
 INVERSION_CATEGORY = f"{CATEGORY}/Inversion"
 InversionType = io.Custom("EDITLAB_INVERSION")
@@ -32,3 +33,12 @@ def conditioning_tensors(cond: list, what: str) -> tuple[torch.Tensor, Optional[
 def source_conditioning(inv: Inversion) -> list:
     extra = {} if inv.source_pooled is None else {"pooled_output": inv.source_pooled}
     return [[inv.source_embedding, extra]]
+
+
+def check_family(inv: Inversion, model, family: ModelFamily) -> None:
+    """An inversion made under one parametrisation is refused under another (e.g. a ModelSamplingSD3 patch added)."""
+    made = inv.meta.get("family")
+    if made is not None and made != family.name:
+        raise EditLabError(
+            f"the inversion was made with a {made} model, but this model ({model_type_name(model.model, model_sampling(model))}) "
+            f"is {family.name}: invert again with this model (or remove the model-sampling patch)")

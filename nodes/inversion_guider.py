@@ -1,5 +1,7 @@
 """Inversion Guider: samples from an INVERSION (docs/methods.md §4): null-text / negative-prompt / direct /
-plain CFG replay of the pivot, on the inversion's schedule or a tail of it."""
+plain CFG replay of the pivot, on the inversion's schedule or a tail of it. Direct and plain work on every
+model family; null-text and negative-prompt need an unconditional branch, so they are refused on
+guidance-distilled flow models (Flux-dev; docs/methods.md §11)."""
 from __future__ import annotations
 
 import torch
@@ -8,10 +10,9 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..samplers.inversion import Inversion, landing_denoised
-from .common import EditLabError, EditLabNode, check_choice
+from .common import EditLabError, EditLabNode, check_choice, model_family, model_sampling, refuse_no_uncond
 from . import fingerprint
-from .common import refuse_flow
-from .inversion_common import INVERSION_CATEGORY, InversionType, source_conditioning
+from .inversion_common import INVERSION_CATEGORY, InversionType, check_family, source_conditioning
 from .gradients import with_cross_attn
 
 MODES = ["null-text", "negative-prompt", "direct", "plain"]
@@ -45,9 +46,15 @@ class InversionGuider(comfy.samplers.CFGGuider):
         """
         inv = self.inversion
         base = self.model_patcher.model
+        ms = self.model_patcher.get_model_object("model_sampling")
+        sigma = inv.sigmas[start:start + 1].float()
+        # Where a sampler with noise disabled starts from each row: noise_scaling(sigma, 0, latent), i.e. the
+        # latent itself on k-space and (1 - sigma) * latent on flow (docs/methods.md §11).
         given = base.process_latent_in(latent_image.detach().float().cpu())
+        given = ms.noise_scaling(sigma, torch.zeros_like(given), given)
         out = latent_image.clone()
         x_t, level = inv.trajectory[0], inv.trajectory[start]
+        x_t = ms.noise_scaling(sigma, torch.zeros_like(x_t), ms.inverse_noise_scaling(inv.sigmas[:1].float(), x_t))
         for r in range(given.shape[0]):
             j = r % inv.batch
             if torch.allclose(given[r], level[j], **MATCH):
@@ -58,7 +65,7 @@ class InversionGuider(comfy.samplers.CFGGuider):
                     f"(sigma {float(inv.sigmas[start]):.4g}), where the guider starts from the inversion's own latent. "
                     f"Latent row {r} is neither DDIM Invert's noise (x_T) nor the inversion's latent at that level; "
                     "connect DDIM Invert's (or Load Inversion's) noise output as the latent")
-            out[r] = base.process_latent_out(level[j:j + 1].clone()).to(out)[0]
+            out[r] = base.process_latent_out(ms.inverse_noise_scaling(sigma, level[j:j + 1].clone())).to(out)[0]
         return out
 
     def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False, seed=None):
@@ -113,7 +120,8 @@ class InversionGuiderNode(EditLabNode):
                         "optimisation; Miyake 2023), direct (the source row is snapped onto the pivot after every "
                         "step, so it reconstructs exactly; Ju et al. 2024), plain (ordinary CFG: the drift baseline). "
                         "A tail of the inversion's SIGMAS (e.g. SplitSigmas' low half) starts from the inversion's "
-                        "own latent at its first sigma.",
+                        "own latent at its first sigma. Flow models (SD3.x, Flux): every mode where the model has "
+                        "an unconditional branch; on guidance-distilled Flux (dev) only direct and plain.",
             inputs=[
                 io.Model.Input("model", tooltip="The model (may carry a Prompt-to-Prompt attention controller)."),
                 InversionType.Input("inversion", tooltip="From DDIM Invert / Null-Text Optimize / Load Inversion."),
@@ -130,10 +138,14 @@ class InversionGuiderNode(EditLabNode):
 
     @classmethod
     def execute(cls, model, inversion, positive, negative, cfg, mode, check_model) -> io.NodeOutput:
-        refuse_flow(model, "Inversion Guider")
         check_choice(mode, MODES, "mode")
+        family = model_family(model)
+        if mode in ("null-text", "negative-prompt"):
+            refuse_no_uncond(f"Inversion Guider (mode {mode!r})", model.model, model_sampling(model),
+                             f"mode {mode!r} (it replaces the unconditional prediction) does not apply")
         inv: Inversion = inversion
         fingerprint.check_model(inv, model, check_model)
+        check_family(inv, model, family)
         guider = InversionGuider(model, inv, mode)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

@@ -14,6 +14,7 @@ import torch
 
 import comfy.samplers
 
+from ..samplers import family as fam
 from ..samplers.inversion import Inversion, ddim_invert
 from ..samplers.null_text import NullTextConfig, NullTextStats, optimize_null_text
 from .common import EditLabError, Progress
@@ -26,11 +27,17 @@ def compute_dtype(base_model) -> torch.dtype:
 
 
 class InversionPass(comfy.samplers.Sampler):
-    """Walks the schedule upwards (DDIM inversion) with the guider's CFG-combined prediction."""
+    """Walks the schedule upwards (DDIM inversion) with the guider's CFG-combined prediction.
 
-    def __init__(self, scaling: str, progress: Progress):
+    Returns x_T as the latent a sampler with noise disabled starts from: ComfyUI's samplers begin at
+    ``noise_scaling(sigma0, 0, latent)`` (``(1 - sigma0) * latent`` on flow), so x_T goes out through the
+    model's own ``inverse_noise_scaling(sigma0, x_T)`` (identity on k-space; docs/methods.md §11).
+    """
+
+    def __init__(self, scaling: str, progress: Progress, family: fam.ModelFamily = fam.K_SPACE):
         self.scaling = scaling
         self.progress = progress
+        self.family = family
         self.trajectory: Optional[torch.Tensor] = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
@@ -38,14 +45,17 @@ class InversionPass(comfy.samplers.Sampler):
             return model_wrap(x, s, model_options=extra_args["model_options"], seed=extra_args.get("seed"))
 
         self.trajectory = ddim_invert(denoise, latent_image.float(), sigmas.float().cpu(), scaling=self.scaling,
-                                      on_step=lambda *_: self.progress.step())
-        return self.trajectory[0].to(latent_image)
+                                      on_step=lambda *_: self.progress.step(), family=self.family)
+        x_t = self.trajectory[0].to(latent_image)
+        return model_wrap.inner_model.model_sampling.inverse_noise_scaling(sigmas[:1].to(x_t), x_t)
 
 
 class NullTextPass(comfy.samplers.Sampler):
     """Runs null-text optimisation with the guider's processed conds and loaded model."""
 
-    def __init__(self, inv: Inversion, config: NullTextConfig, progress: Progress):
+    def __init__(self, inv: Inversion, config: NullTextConfig, progress: Progress,
+                 family: fam.ModelFamily = fam.K_SPACE):
+        self.family = family
         self.inv = inv
         self.config = config
         self.progress = progress
@@ -74,7 +84,7 @@ class NullTextPass(comfy.samplers.Sampler):
                 self.nulls, self.stats = optimize_null_text(
                     eps_cond, eps_uncond, self.inv.trajectory, self.inv.sigmas, null_init, self.config,
                     device=device, check_cancel=Progress.check_cancel, on_step=lambda *_: self.progress.step(),
-                    half_precision=compute_dtype(model) == torch.float16)
+                    half_precision=compute_dtype(model) == torch.float16, family=self.family)
         except RuntimeError as exc:
             # torch's own error, translated where it is found: it means a ControlNet / adapter without gradients.
             if "Inference tensors cannot be saved for backward" in str(exc):

@@ -284,14 +284,38 @@ def _predict_noise_wrapper(controller: P2PController, clock: StepClock):
     return wrapper
 
 
+def refuse_joint_attention(model) -> None:
+    """Refuse a DiT with joint text-image attention (SD3 MMDiT, Flux), naming it (docs/methods.md §5, §11).
+
+    Prompt-to-Prompt edits a separate cross-attention map ``softmax(q_img k_txt^T)`` per token. In SD3's MMDiT
+    and Flux's double/single blocks text and image tokens attend jointly in one softmax over
+    ``[text; image]`` keys, through ComfyUI's ``patches_replace["dit"]`` block hooks that see whole blocks,
+    not the attention probabilities; the UNet ``attn1`` / ``attn2`` hooks the controller uses are never called
+    there, so it would sample without any edit control. Refused before any work, with the reason.
+    """
+    net = model.get_model_object("diffusion_model")
+    labels = {"OpenAISignatureMMDITWrapper": "SD3 (MMDiT)", "MMDiT": "MMDiT", "Flux": "Flux"}
+    kind = next((labels[c.__name__] for c in type(net).__mro__ if c.__name__ in labels), None)
+    if kind is None and not (hasattr(net, "joint_blocks") or hasattr(net, "double_blocks")):
+        return
+    raise EditLabError(
+        f"the Attention Controller (Prompt-to-Prompt) does not support {kind or type(net).__name__} models "
+        f"({type(model.model).__name__}): their text and image tokens share one joint attention, so there is no "
+        "separate cross-attention map per word to swap, refine or reweight (ComfyUI's UNet attn1/attn2 patches "
+        "are never called on this network and the edit would silently do nothing). Use an SD1.x / SD2.x / SDXL "
+        "model for Prompt-to-Prompt, or edit this model with the Inversion Guider or SDEdit nodes")
+
+
 def controlled_model(model, spec: EditSpec, settings: ControlSettings):
     """A clone of ``model`` carrying the controller (attention patches + wrappers); the input is untouched."""
+    refuse_joint_attention(model)
     m = model.clone()
     blocks = unet_attention_blocks(m.get_model_object("diffusion_model"))
     if not blocks:
         raise EditLabError(
-            "the Attention Controller patches the cross-attention of UNet models (SD1.x, SD2.x, SDXL); this "
-            "model has no UNet transformer blocks with cross-attention"
+            f"the Attention Controller patches the cross-attention of UNet models (SD1.x, SD2.x, SDXL); this "
+            f"model ({type(model.model).__name__}, network {type(m.get_model_object('diffusion_model')).__name__}) "
+            "has no UNet transformer blocks with cross-attention"
         )
     controller = P2PController(spec, settings, levels=[b[3] for b in blocks])
     clock = StepClock()

@@ -1,7 +1,7 @@
 """SDEdit and GLIDE-style inpainting nodes (docs/methods.md §1-2).
 
-- ``EditLabSDEPerturb``: guide LATENT -> x(t0) = x0 + sigma(t0) z and the SIGMAS tail, for any sampler
-  run with noise disabled.
+- ``EditLabSDEPerturb``: guide LATENT -> x(t0) = x0 + sigma(t0) z (flow models: (1 - sigma) x0 + sigma z)
+  and the SIGMAS tail, for any sampler run with noise disabled.
 - ``EditLabReverseSDESampler``: the reverse VE-SDE Euler–Maruyama SAMPLER (stochastic, seeded, or
   deterministic), with SDEdit's repeat-K.
 - ``EditLabKnownRegionSampler``: wraps *any* SAMPLER so that only the masked region is regenerated,
@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -19,13 +20,13 @@ import comfy.model_management
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..samplers import family as fam
 from ..samplers.sdedit import (
     KNOWN_NOISE,
     REPLACE_ON,
     REVERSE_MODES,
     KnownRegion,
     latent_distance,
-    perturb,
     sample_reverse_sde,
     search_t0,
     seeded_noise,
@@ -38,11 +39,13 @@ from .common import (
     Progress,
     cancel_callback,
     check_choice,
+    family_of,
     latent_mask,
     latent_samples,
+    model_family,
+    model_sampling,
     noise_for,
-    refuse_flow,
-    refuse_flow_model,
+    noise_latent,
     sdedit_sigmas,
     to_latent_space,
     to_model_space,
@@ -72,8 +75,12 @@ def _scheduler_input() -> io.Combo.Input:
 def perturbed_latent(model, latent: dict, t0: float, steps: int, scheduler: str, seed: int) -> tuple[dict, torch.Tensor]:
     """The SDEdit perturbation as a LATENT ready for a sampler with noise disabled, and its SIGMAS tail.
 
-    ``x(t0) = x0 + sigma(t0) z`` in model space, with ``z`` the draw ComfyUI's RandomNoise makes for the
-    same seed, returned as an unscaled latent (ComfyUI scales it back in before sampling).
+    ``x(t0)`` is the model's own ``noise_scaling(sigma0, z, x0)`` in model space (``x0 + sigma0 z``, or
+    ``(1 - sigma0) x0 + sigma0 z`` on flow, docs/methods.md §1, §11), with ``z`` the draw ComfyUI's
+    RandomNoise makes for the same seed. A sampler with noise disabled starts from
+    ``noise_scaling(sigma0, 0, latent)`` (``(1 - sigma0) * latent`` on flow), so the latent handed over is
+    the model's ``inverse_noise_scaling(sigma0, x(t0))`` (identity on k-space), returned unscaled
+    (ComfyUI scales it back in before sampling). On flow sigma0 is capped below 1 (``family.cap_start``).
     """
     samples = latent_samples(latent, "guide latent")
     if "noise_mask" in latent:
@@ -82,12 +89,11 @@ def perturbed_latent(model, latent: dict, t0: float, steps: int, scheduler: str,
             "mask re-insertion would paste the noisy guide back. Remove the mask from the latent and connect "
             "it to 'EditLab Known-Region Sampler' (with this guide latent on its 'guide' input) instead."
         )
-    refuse_flow(model, "SDE Perturb",
-                "Use ComfyUI's BasicScheduler 'denoise' with RandomNoise for it instead.")
-    sigmas = sdedit_sigmas(model, t0, steps, scheduler)
+    sigmas = sdedit_sigmas(model, t0, steps, scheduler)  # decides the family first (refuses unknown ones)
+    ms = model_sampling(model)
     x0 = to_model_space(model, samples.float())
     z = noise_for(latent, seed).to(x0.dtype)
-    x = perturb(x0, float(sigmas[0]), z)
+    x = ms.inverse_noise_scaling(sigmas[:1].to(x0), noise_latent(ms, x0, z, float(sigmas[0])))
     out = {k: v for k, v in latent.items() if k != "samples"}
     out["samples"] = to_latent_space(model, x)
     return out, sigmas
@@ -115,7 +121,7 @@ class SDEPerturb(EditLabNode):
                              tooltip="Seed of the perturbation noise (the same draw RandomNoise makes for this seed)."),
             ],
             outputs=[
-                io.Latent.Output(display_name="noised", tooltip="x(t0) = guide + sigma(t0) * noise (sample it with noise disabled)."),
+                io.Latent.Output(display_name="noised", tooltip="x(t0) = guide + sigma(t0) * noise (flow models: (1 - sigma) * guide + sigma * noise; sample it with noise disabled)."),
                 io.Sigmas.Output(display_name="sigmas", tooltip="The schedule tail from sigma(t0) to 0."),
             ],
         )
@@ -127,7 +133,7 @@ class SDEPerturb(EditLabNode):
 
 
 class ReverseSDESampler(comfy.samplers.KSAMPLER):
-    """ComfyUI SAMPLER around :func:`sample_reverse_sde` that refuses non-VE models clearly.
+    """ComfyUI SAMPLER around :func:`sample_reverse_sde`, told the model family it samples (docs/methods.md §11).
 
     With ``repeat`` rounds the host's progress callback is told the whole run's length
     (``repeat * steps``), so the progress bar and the previews count every round.
@@ -138,16 +144,16 @@ class ReverseSDESampler(comfy.samplers.KSAMPLER):
         self.repeat = int(repeat)
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
-        refuse_flow_model("the Reverse SDE sampler (the VE-SDE)", model_wrap.inner_model,
-                          model_wrap.inner_model.model_sampling,
-                          "Use a native sampler (euler, dpmpp_2m) with it.")
+        family = family_of(model_wrap.inner_model, model_wrap.inner_model.model_sampling)
         if callback is not None and self.repeat > 1:
             host, rounds = callback, self.repeat
 
             def callback(step, x0, x, total_steps):
                 return host(step, x0, x, total_steps * rounds)
 
-        return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        # A per-run sampler with the family bound: this SAMPLER object (a cached node output) is not mutated.
+        run = comfy.samplers.KSAMPLER(functools.partial(self.sampler_function, family=family))
+        return run.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
 
 class ReverseSDESamplerNode(EditLabNode):
@@ -160,7 +166,9 @@ class ReverseSDESamplerNode(EditLabNode):
             description="SDEdit step 2: the reverse VE-SDE solved with Euler–Maruyama (Meng et al. 2022), as a "
                         "SAMPLER for SamplerCustomAdvanced. 'deterministic' drops the noise and halves the drift "
                         "(probability flow). repeat > 1 re-perturbs the result to the first sigma and samples "
-                        "again, K times (the paper's K).",
+                        "again, K times (the paper's K). On flow models (SD3.x, Flux) the stochastic step is the "
+                        "exact Gaussian posterior step of the (1 - sigma) x0 + sigma z marginal, the deterministic "
+                        "one the flow ODE's Euler step.",
             inputs=[
                 io.Combo.Input("mode", options=list(REVERSE_MODES), default="stochastic",
                                tooltip="stochastic: Euler–Maruyama with fresh noise each step (the paper). "
@@ -180,9 +188,9 @@ class ReverseSDESamplerNode(EditLabNode):
             raise EditLabError(f"repeat must be at least 1, got {repeat}")
         draw_seed = int(seed)
 
-        def fn(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        def fn(model, x, sigmas, extra_args=None, callback=None, disable=None, family=fam.K_SPACE):
             return sample_reverse_sde(model, x, sigmas, extra_args, callback, disable, mode=mode,
-                                      noise_source=seeded_noise(draw_seed), repeat=int(repeat))
+                                      noise_source=seeded_noise(draw_seed), repeat=int(repeat), family=family)
 
         return io.NodeOutput(ReverseSDESampler(fn, int(repeat)))
 
@@ -236,9 +244,8 @@ class KnownRegionSampler(comfy.samplers.Sampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
         if latent_image is None:
             raise EditLabError("the Known-Region sampler needs a latent to keep regions of")
-        refuse_flow_model("the Known-Region sampler (it re-noises the known region as guide + sigma * noise)",
-                          model_wrap.inner_model, model_wrap.inner_model.model_sampling,
-                          "Use ComfyUI's noise mask (Set Latent Noise Mask) with it.")
+        ms = model_wrap.inner_model.model_sampling
+        family = family_of(model_wrap.inner_model, ms)  # before any work: refuses an unknown parametrisation
         device = latent_image.device
         if self.mask is not None:
             mask = latent_mask(self.mask, latent_image).to(device, latent_image.dtype)
@@ -249,10 +256,12 @@ class KnownRegionSampler(comfy.samplers.Sampler):
         else:
             raise EditLabError("no mask: connect a MASK to the Known-Region sampler or set a noise mask on the latent")
         guide = self._guide(model_wrap, noise, latent_image, device)
-        ms = model_wrap.inner_model.model_sampling
         x_init = ms.noise_scaling(sigmas[0], noise.to(device), latent_image, self.max_denoise(model_wrap, sigmas))
-        fixed = (x_init - guide) / sigmas[0] if float(sigmas[0]) > 0 else torch.zeros_like(guide)
-        known = KnownRegion(guide=guide, mask=mask, noise=fixed, known_noise=self.known_noise, replace_on=self.replace_on)
+        # The draw that explains the start: (x - guide) / sigma, or (x - (1 - sigma) guide) / sigma on flow.
+        sigma0 = float(sigmas[0])
+        fixed = fam.noise_from_denoised(family, x_init, guide, sigma0) if sigma0 > 0 else torch.zeros_like(guide)
+        known = KnownRegion(guide=guide, mask=mask, noise=fixed, known_noise=self.known_noise, replace_on=self.replace_on,
+                            family=family)
         known.check(latent_image)
         proxy = _DenoiserProxy(model_wrap, with_known_region(model_wrap, known, seeded_noise(self.seed)))
         # This wrapper owns the known region now; ComfyUI's fixed-noise re-insertion is switched off.
@@ -358,8 +367,7 @@ class SDEditT0Search(EditLabNode):
         if t0_min >= t0_max:
             raise EditLabError(f"t0_min ({t0_min}) must be smaller than t0_max ({t0_max})")
         # Refuse what every trial would refuse, before the first trial (and before decoding the guide).
-        refuse_flow(model, "SDEdit t0 Search (it perturbs as guide + sigma * noise)",
-                    "Sweep BasicScheduler 'denoise' with a native sampler instead.")
+        model_family(model)
         check_choice(scheduler, comfy.samplers.SCHEDULER_NAMES, "scheduler")
         progress = Progress(max_runs)
         guider = comfy.samplers.CFGGuider(model)

@@ -3,7 +3,9 @@
 Notation: ``x = x0 + sigma * eps`` (ComfyUI / k-diffusion); the DDPM latent is
 ``x_t = x / sqrt(1 + sigma^2)``. A sampling schedule ``sigmas`` is descending and ends at 0; the
 trajectory is stored in the same order: ``trajectory[i]`` is the latent at ``sigmas[i]``, so
-``trajectory[0]`` is x_T and ``trajectory[-1]`` is the clean latent. No ComfyUI imports.
+``trajectory[0]`` is x_T and ``trajectory[-1]`` is the clean latent. On a flow-matching model
+(``family=FLOW``, docs/methods.md §11) the same first-order step inverts the flow ODE,
+``x' = x + (sigma' - sigma) v`` with ``v = (x - D) / sigma``. No ComfyUI imports.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Callable, Literal, Optional
 import torch
 
 from ..errors import EditLabError
+from . import family as fam
+from .family import K_SPACE, ModelFamily
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 InputScaling = Literal["reference", "k-space"]
@@ -43,7 +47,7 @@ def check_schedule(sigmas: torch.Tensor, where: str = "") -> torch.Tensor:
 
 
 def invert_step(denoise: Denoiser, x: torch.Tensor, sigma_lo: float, sigma_hi: float,
-                scaling: InputScaling = "reference") -> torch.Tensor:
+                scaling: InputScaling = "reference", family: ModelFamily = K_SPACE) -> torch.Tensor:
     """One DDIM inversion step from level ``sigma_lo`` up to ``sigma_hi``.
 
     1. evaluate eps on the *current* latent at the *next* level (Mokady et al. / PnP-Inversion
@@ -51,18 +55,21 @@ def invert_step(denoise: Denoiser, x: torch.Tensor, sigma_lo: float, sigma_hi: f
        DDPM scaling, ``x_lo / sqrt(1 + sigma_lo^2)``, at the timestep of ``sigma_hi`` — exactly what the
        reference feeds the UNet; ``"k-space"`` passes ``x_lo`` as a k-space latent at ``sigma_hi``.
     2. x_hi = x_lo + (sigma_hi - sigma_lo) * eps  (DDIM eta = 0 run backwards).
+    On flow, eps is the velocity ``v(x_lo, sigma_hi)`` and the latent is fed unscaled
+    (:func:`family.inversion_input_scale`): the first-order flow inversion of docs/methods.md §11.
     """
-    scale = math.sqrt(1.0 + sigma_hi**2) / math.sqrt(1.0 + sigma_lo**2) if scaling == "reference" else 1.0
+    scale = fam.inversion_input_scale(family, scaling, sigma_lo, sigma_hi)
     x_in = x * scale
     s = x.new_full((x.shape[0],), sigma_hi)
-    eps = (x_in - denoise(x_in, s)) / sigma_hi
-    return x + (sigma_hi - sigma_lo) * eps
+    d = fam.derivative(x_in, denoise(x_in, s), sigma_hi)
+    return fam.ode_step(x, d, sigma_lo, sigma_hi)
 
 
 @torch.no_grad()
 def ddim_invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, *,
                 scaling: InputScaling = "reference",
-                on_step: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+                on_step: Optional[Callable[[int, int], None]] = None,
+                family: ModelFamily = K_SPACE) -> torch.Tensor:
     """Invert a clean latent along a sampling schedule; returns the trajectory ``[N+1, *x0.shape]``
     in sampling order (``[0]`` = x_T at ``sigmas[0]``, ``[-1]`` = ``x0``), stored on the CPU."""
     check_schedule(sigmas)
@@ -73,7 +80,7 @@ def ddim_invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, *,
     x = x0
     n = len(levels) - 1
     for k in range(n):
-        x = invert_step(denoise, x, levels[k], levels[k + 1], scaling)
+        x = invert_step(denoise, x, levels[k], levels[k + 1], scaling, family)
         traj.append(x.detach().float().cpu())
         if on_step is not None:
             on_step(k + 1, n)

@@ -14,7 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import EditLabError
-from .inversion import check_schedule, ddpm
+from . import family as fam
+from .family import K_SPACE, ModelFamily
+from .inversion import check_schedule
 
 EpsCond = Callable[[torch.Tensor, float], torch.Tensor]
 EpsUncond = Callable[[torch.Tensor, float, torch.Tensor], torch.Tensor]
@@ -153,7 +155,8 @@ class SecantCorrection:
 def _fit_null(i: int, z: torch.Tensor, sigma: float, sigma_next: float, e_c: torch.Tensor, target: torch.Tensor,
               null: torch.Tensor, eps_uncond: EpsUncond, config: NullTextConfig, stats: NullTextStats,
               scaler: LossScaler, secant: SecantCorrection, half_precision: bool,
-              check_cancel: Callable[[], None]) -> tuple[torch.Tensor, Optional[torch.Tensor], float, int]:
+              check_cancel: Callable[[], None],
+              family: ModelFamily = K_SPACE) -> tuple[torch.Tensor, Optional[torch.Tensor], float, int]:
     """Algorithm 1's inner loop for step i: Adam on the null so the guided DDIM step from z lands on the pivot.
 
     Returns the fitted null, the guided eps of the iteration that met the early stop (None if none did),
@@ -174,7 +177,7 @@ def _fit_null(i: int, z: torch.Tensor, sigma: float, sigma_next: float, e_c: tor
             e_u = raw.float()
             guided = e_u + config.guidance * (e_c - e_u)
             z_next = z + (sigma_next - sigma) * guided
-            res = ddpm(z_next, sigma_next) - target
+            res = fam.loss_latent(family, z_next, sigma_next) - target
             loss = res.square().mean()  # = mse_loss(ddpm(z'), target)
             loss_value = float(loss.detach())
             secant.observe(res, null)
@@ -203,6 +206,7 @@ def optimize_null_text(
     check_cancel: Callable[[], None] = lambda: None,
     on_step: Optional[Callable[[int, int], None]] = None,
     half_precision: bool = False,
+    family: ModelFamily = K_SPACE,
 ) -> tuple[torch.Tensor, NullTextStats]:
     """Null-text inversion (Mokady et al. 2023, Algorithm 1) in k-space; returns ``[N, *null.shape]`` nulls.
 
@@ -218,8 +222,13 @@ def optimize_null_text(
     null needs gradients. fp16 models are loss-scaled (:class:`LossScaler`); ``half_precision`` says the
     model computes in fp16 even if ``eps_uncond`` returns fp32 (ComfyUI's prediction is in the latent's
     dtype). ``config.secant`` adds EditLab's :class:`SecantCorrection`. ``eps_uncond`` must be
-    differentiable w.r.t. its embedding argument.
+    differentiable w.r.t. its embedding argument. On a flow model with CFG (SD3.x; ``family=FLOW``,
+    docs/methods.md §11) eps is the velocity, the step is the same first-order ODE step and the loss is
+    measured on the flow latent itself (:func:`family.loss_latent`); guidance-distilled models are refused
+    by the node (no unconditional branch).
     """
+    if not family.has_uncond:
+        raise EditLabError(f"null-text inversion needs an unconditional branch; a {family} model has none")
     config.validate()
     check_schedule(sigmas)
     n = len(sigmas) - 1
@@ -234,13 +243,13 @@ def optimize_null_text(
     nulls = []
     for i in range(n):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        target = ddpm(trajectory[i + 1].to(device, torch.float32), sigma_next)
+        target = fam.loss_latent(family, trajectory[i + 1].to(device, torch.float32), sigma_next)
         with torch.no_grad():  # 1.
             e_c = eps_cond(z, sigma).float()
         stats.forwards += 1
         null, eps, loss_value, iters = _fit_null(  # 2.-3.
             i, z, sigma, sigma_next, e_c, target, null, eps_uncond, config, stats, scaler, secant,
-            half_precision, check_cancel)
+            half_precision, check_cancel, family)
         if eps is None:  # not converged within inner_steps (or none allowed): one more forward
             check_cancel()
             with torch.no_grad():

@@ -1,7 +1,10 @@
 """SDEdit (Meng et al., ICLR 2022) and GLIDE-style known-region replacement, in k-diffusion form.
 
 Notation follows docs/methods.md §1: the sampler works in ComfyUI's "k-space", ``x = x0 + sigma * eps``
-(the VE-SDE of the paper), and ``model(x, sigma)`` returns the denoised prediction ``D(x, sigma)``.
+(the VE-SDE of the paper), and ``model(x, sigma)`` returns the denoised prediction ``D(x, sigma)``. On a
+flow-matching model (``family=FLOW``, docs/methods.md §11) the marginal is ``(1 - sigma) x0 + sigma z``:
+perturbation and known-region re-noising use it, and the reverse sampler takes the marginal-keeping
+posterior step of ``samplers/family.py`` (the Euler–Maruyama step is singular at the flow level sigma = 1).
 
 Nothing here imports ComfyUI: ``sample_reverse_sde`` has the k-diffusion signature
 ``fn(model, x, sigmas, extra_args, callback, disable, **knobs)`` so ComfyUI's ``KSAMPLER`` (or any
@@ -17,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import EditLabError
+from . import family as fam
+from .family import K_SPACE, ModelFamily
 
 Denoiser = Callable[..., torch.Tensor]
 NoiseSource = Callable[[torch.Tensor], torch.Tensor]
@@ -79,11 +84,10 @@ def tail_schedule(full: torch.Tensor, sigma0: float, steps: int) -> torch.Tensor
     return torch.cat([tail.new_tensor([sigma0]), rest])
 
 
-def perturb(x0: torch.Tensor, sigma0: float, noise: torch.Tensor) -> torch.Tensor:
-    """SDEdit perturbation ``x(t0) = x0 + sigma(t0) * z`` (the VE-SDE marginal, docs/methods.md §1)."""
-    if noise.shape != x0.shape:
-        raise EditLabError(f"noise shape {tuple(noise.shape)} does not match latent shape {tuple(x0.shape)}")
-    return x0 + sigma0 * noise
+def perturb(x0: torch.Tensor, sigma0: float, noise: torch.Tensor, family: ModelFamily = K_SPACE) -> torch.Tensor:
+    """SDEdit perturbation ``x(t0) = x0 + sigma(t0) * z`` (the VE-SDE marginal, docs/methods.md §1);
+    ``(1 - sigma0) x0 + sigma0 z`` on a flow model (§11)."""
+    return fam.noise(family, x0, noise, sigma0)
 
 
 @dataclass
@@ -102,6 +106,7 @@ class KnownRegion:
     noise: Optional[torch.Tensor] = None
     known_noise: KnownNoise = "same"
     replace_on: ReplaceOn = "x_t"
+    family: ModelFamily = K_SPACE
 
     def __post_init__(self) -> None:
         check_option(self.known_noise, KNOWN_NOISE, "known_noise")
@@ -121,13 +126,11 @@ class KnownRegion:
             )
 
     def renoise(self, sigma: torch.Tensor, draw: NoiseSource, x: torch.Tensor) -> torch.Tensor:
-        """The known region at level ``sigma``: ``guide + sigma * z`` (same or fresh ``z``).
-
-        This is the k-space (VE) marginal only; a flow model's is ``(1 - sigma) guide + sigma z``, so the
-        nodes refuse flow models before sampling (docs/methods.md §1).
+        """The known region at level ``sigma`` in the family's marginal (same or fresh ``z``):
+        ``guide + sigma z`` (k-space, docs/methods.md §1) or ``(1 - sigma) guide + sigma z`` (flow, §11).
         """
         z = self.noise if self.known_noise == "same" else draw(x)
-        return self.guide + sigma * z
+        return fam.noise(self.family, self.guide, z, sigma)
 
     def paste(self, x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
         """``m * x + (1 - m) * known`` (docs/methods.md §1, stroke editing)."""
@@ -187,8 +190,13 @@ def sample_reverse_sde(
     mode: ReverseMode = "stochastic",
     noise_source: Optional[NoiseSource] = None,
     repeat: int = 1,
+    family: ModelFamily = K_SPACE,
 ) -> torch.Tensor:
     """SDEdit reverse sampler: VE-SDE Euler–Maruyama (Meng et al. 2022, Alg. 1), k-diffusion signature.
+
+    On a flow model (``family.flow``) the stochastic step is :func:`family.posterior_step` (keeps the
+    marginal ``(1 - sigma) x0 + sigma z`` exactly for a point mass; defined at sigma = 1) and the
+    deterministic one is the Euler step of the flow ODE ``x' = x + (sigma' - sigma) v`` (docs/methods.md §11).
 
     ``mode="deterministic"`` drops the noise and halves the drift (probability flow, docs/methods.md §1).
     ``repeat`` runs the perturb-and-reverse loop K times, each round re-perturbing the previous output
@@ -211,7 +219,7 @@ def sample_reverse_sde(
         for rnd in range(repeat):
             if rnd > 0:
                 # Re-perturb the previous round's output (x at sigma ~ 0) back to sigma(t0).
-                x = x + levels[0] * draw(x)
+                x = fam.noise(family, x, draw(x), levels[0])
             for i in range(n):
                 sigma, sigma_next = levels[i], levels[i + 1]
                 denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -219,7 +227,10 @@ def sample_reverse_sde(
                     callback({"x": x, "i": rnd * n + i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                               "denoised": denoised})
                 z = None if deterministic or sigma_next == 0.0 else draw(x)
-                x = reverse_sde_step(x, denoised, sigma, sigma_next, z)
+                if family.flow:
+                    x = fam.posterior_step(family, x, denoised, sigma, sigma_next, z)
+                else:
+                    x = reverse_sde_step(x, denoised, sigma, sigma_next, z)
                 bar.update(1)
     return x
 

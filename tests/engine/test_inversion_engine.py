@@ -297,23 +297,33 @@ def test_fingerprint_covers_every_weight_and_patch_and_is_cached(setup, monkeypa
     assert fp.model_identity(base) == s["inv"].model_id
 
 
-def test_flow_matching_models_are_refused_before_any_work(setup, monkeypatch):
+def test_flow_sampling_inverts_and_a_k_space_inversion_is_refused_on_it(setup, monkeypatch):
+    """Issue 16: the suite used to refuse flow models; it now inverts them (docs/methods.md §11). An inversion
+    made under the other parametrisation is refused before any work."""
     import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from editlab.samplers.inversion import psnr
     s = setup
     (flow,) = ModelSamplingSD3().patch(s["model"], shift=3.0)
+    inv, noise, sigmas = call("EditLabDDIMInvert", model=flow, positive=s["src"], latent=s["latent"], steps=3,
+                              scheduler="simple", guidance=1.0, input_scaling="reference")
+    assert inv.meta["family"].startswith("flow") and s["inv"].meta["family"].startswith("k-space")
+    (g,) = call("EditLabInversionGuider", model=flow, inversion=inv, positive=s["src"], negative=s["empty"],
+                cfg=7.5, mode="direct", check_model=False)
+    with torch.inference_mode():
+        out = cs.SamplerCustomAdvanced().sample(cs.Noise_EmptyNoise(), g, comfy.samplers.sampler_object("euler"),
+                                                sigmas, noise)[0]["samples"]
+    assert psnr(out, s["latent"]["samples"]) > 90
 
     def no_sampling(*_a, **_k):
         raise AssertionError("sampling started")
     monkeypatch.setattr(comfy.samplers.CFGGuider, "sample", no_sampling)
-    refused = r"{}: the model \(BaseModel, model sampling ModelSamplingDiscreteFlow/CONST\) is a flow-matching model"
-    with pytest.raises(ValueError, match=refused.format("DDIM Invert")):
-        call("EditLabDDIMInvert", model=flow, positive=s["src"], latent=s["latent"], steps=2, scheduler="ddim_uniform",
-             guidance=1.0, input_scaling="reference")
-    with pytest.raises(ValueError, match=refused.format("Null-Text Optimize")):
+    refused = r"made with a k-space \(eps / v-prediction\) model, but this model \(BaseModel, model sampling ModelSamplingDiscreteFlow/CONST\)"
+    with pytest.raises(ValueError, match=refused):
         call("EditLabNullTextOptimize", model=flow, inversion=s["inv"], negative=s["empty"], guidance=7.5,
              inner_steps=1, early_stop=1e-5, early_stop_slope=2e-5, learning_rate=1e-2, check_model=False)
-    with pytest.raises(ValueError, match=refused.format("Inversion Guider")):
+    with pytest.raises(ValueError, match=refused):
         call("EditLabInversionGuider", model=flow, inversion=s["inv"], positive=s["src"], negative=s["empty"],
              cfg=7.5, mode="direct", check_model=False)
 

@@ -101,7 +101,7 @@ def ctx(engine, sd15) -> dict[str, Any]:
 
 
 def _write_metric_models(folder) -> None:
-    """Random scorer models (CLIP, two ViTs, LPIPS backbone) under the metric nodes' default names."""
+    """Random scorer models (CLIP, two ViTs, LPIPS backbone, Inception) under the metric nodes' default names."""
     import folder_paths
     import random_metric_models as rmm
     from editlab.metrics.names import DEFAULT_NAMES
@@ -110,6 +110,8 @@ def _write_metric_models(folder) -> None:
         rmm.write_vit(folder / DEFAULT_NAMES["structure"], seed=1)
         rmm.write_vit(folder / DEFAULT_NAMES["dino"], seed=2)
         rmm.write_lpips_backbone(folder / DEFAULT_NAMES["lpips"])
+    if not (folder / DEFAULT_NAMES["inception"]).exists():
+        rmm.write_inception(folder / DEFAULT_NAMES["inception"])
     folder_paths.add_model_folder_path("editlab_metrics", str(folder), is_default=True)
 
 
@@ -205,6 +207,10 @@ CASES: dict[str, Case] = {
     "EditLabDirectionalCLIP": (
         lambda c: dict(source=c["image"], edited=c["image"] * 0.9, caption_before="a boat",
                        caption_after="a red boat"), None),
+    "EditLabSweepMetric": (
+        lambda c: dict(images=c["image"], metric="clip_i", reference=c["image"].flip(1), x_values=""), None),
+    "EditLabKID": (lambda c: dict(real=torch.cat([c["image"], c["image"].flip(1)]),
+                                  generated=torch.cat([c["image"] * 0.9, c["image"].flip(2)]), subsets=3), None),
     "EditLabClassPriorImages": (
         lambda c: dict(model=c["model"], positive=c["pos"], negative=c["neg"], count=2, width=64, height=64,
                        chunk_size=2), None),
@@ -213,6 +219,14 @@ CASES: dict[str, Case] = {
                        class_latents={"samples": c["latent"]["samples"].flip(-1)}, class_conditioning=c["neg"],
                        rank=2, gradient_checkpointing=False), _use_trained_model),
 }
+
+import flow_mutation_cases  # noqa: E402  (FlowEdit / RF-Inversion need a flow model: built on first use)
+
+CASES.update(flow_mutation_cases.cases(call, with_defaults, sample))
+
+import guidance_mutation_cases  # noqa: E402  (gradient guidance: guided runs with the context's random CLIP)
+
+CASES.update(guidance_mutation_cases.cases(call, with_defaults, sample))
 
 
 def test_every_node_with_a_data_input_has_a_case(engine):

@@ -194,27 +194,31 @@ def test_bad_inputs_fail_with_clear_messages(engine, sd15, guide, conds):
     assert load  # the photo loader exists in the masked workflow
 
 
-# -- flow-matching models are refused before any work (issue: SD3 / Flux) ----------------------------
+# -- flow-matching sampling (issue 16: SD3 / Flux) --------------------------------------------------
+# These nodes used to refuse a flow model; they now follow the model's family (docs/methods.md §11). The
+# SD1.5 test model given rectified-flow sampling (ComfyUI's ModelSamplingSD3) is a flow model to them.
 
 @pytest.fixture()
 def flow(sd15):
-    """The SD1.5 test model given rectified-flow sampling (ComfyUI's ModelSamplingSD3), counting UNet calls."""
+    """The SD1.5 test model given rectified-flow sampling (ComfyUI's ModelSamplingSD3), recording UNet inputs."""
     import comfy_extras.nodes_model_advanced as adv
-    from editlab.nodes.common import is_k_space
+    from editlab.nodes.common import is_k_space, model_family
+    from editlab.samplers.family import FLOW, K_SPACE
     model = adv.ModelSamplingSD3().patch(sd15[0], 3.0)[0]
-    assert is_k_space(sd15[0].get_model_object("model_sampling"))
-    assert not is_k_space(model.get_model_object("model_sampling"))  # two different parametrisations
+    assert is_k_space(sd15[0].get_model_object("model_sampling")) and model_family(sd15[0]) == K_SPACE
+    assert not is_k_space(model.get_model_object("model_sampling")) and model_family(model) == FLOW
     calls = []
 
     def wrapper(apply_model, args):
-        calls.append(float(args["timestep"].flatten()[0]))
+        calls.append(args["input"].detach().clone())
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     model.set_model_unet_function_wrapper(wrapper)
     return model, calls
 
 
-def test_known_region_and_reverse_sde_samplers_refuse_flow_models_before_sampling(flow, guide, conds):
+def test_known_region_and_reverse_sde_samplers_follow_flow_sampling(flow, guide, conds):
+    import comfy.sample
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as cs
     model, calls = flow
@@ -223,34 +227,38 @@ def test_known_region_and_reverse_sde_samplers_refuse_flow_models_before_samplin
     (known,) = call("EditLabKnownRegionSampler", sampler=comfy.samplers.sampler_object("euler"),
                     mask_convention="1 = regenerate (ComfyUI)", known_noise="same", replace_on="x_t", seed=0,
                     mask=mask, guide=latent)
-    with pytest.raises(ValueError, match=r"Known-Region sampler.*rectified flow: SD3, Flux"):
-        sample(model, conds, cs.Noise_RandomNoise(0), known, sigmas, latent)
-    (reverse,) = call("EditLabReverseSDESampler", mode="stochastic", seed=0, repeat=1)
-    with pytest.raises(ValueError, match=r"Reverse SDE sampler.*rectified flow: SD3, Flux"):
-        sample(model, conds, cs.Noise_RandomNoise(0), reverse, sigmas, latent)
-    assert calls == []  # refused before the first model evaluation
-    # The same flow model samples fine with the native sampler (the refusal is about the model family only).
-    sample(model, conds, cs.Noise_RandomNoise(0), comfy.samplers.sampler_object("euler"), sigmas, latent)
-    assert calls  # the counter sees model evaluations: the empty list above is meaningful
+    out = sample(model, conds, cs.Noise_RandomNoise(0), known, sigmas, latent)
+    keep = torch.nn.functional.interpolate(mask[None], size=out.shape[-2:], mode="bilinear")[0] == 0
+    keep = keep.expand_as(out[0])[None]
+    assert torch.allclose(out[keep], latent["samples"][keep], atol=1e-5)
+    # the kept region entering the second evaluation is the flow marginal (1 - s) g + s z, not g + s z
+    g = model.model.process_latent_in(latent["samples"])
+    z = comfy.sample.prepare_noise(latent["samples"], 0)
+    s1 = float(sigmas[1])
+    torch.testing.assert_close(calls[1][:1][keep], ((1 - s1) * g + s1 * z)[keep], rtol=1e-4, atol=1e-4)
+    (reverse,) = call("EditLabReverseSDESampler", mode="deterministic", seed=0, repeat=1)
+    ours = sample(model, conds, cs.Noise_RandomNoise(0), reverse, sigmas, latent)
+    native = sample(model, conds, cs.Noise_RandomNoise(0), comfy.samplers.sampler_object("euler"), sigmas, latent)
+    torch.testing.assert_close(ours, native, rtol=1e-4, atol=1e-4)  # deterministic on flow = the flow ODE's Euler
 
 
-def test_perturb_and_t0_search_refuse_flow_models_before_any_work(flow, guide, conds):
-    model, calls = flow
-    decoded = []
-
-    class SpyVAE:
-        def decode(self, samples):
-            decoded.append(samples.shape)
-            raise AssertionError("the guide was decoded before the model was checked")
-
-    with pytest.raises(ValueError, match=r"SDE Perturb.*rectified flow"):
-        call("EditLabSDEPerturb", model=model, latent=guide[0], t0=0.5, steps=3, scheduler="normal", seed=0)
-    (inner,) = call("EditLabReverseSDESampler", mode="stochastic", seed=0, repeat=1)
-    with pytest.raises(ValueError, match=r"t0 Search.*rectified flow"):
-        call("EditLabSDEditT0Search", model=model, positive=conds[0], negative=conds[1], sampler=inner,
-             guide=guide[0], budget=0.1, cfg=5.0, steps=2, scheduler="normal", seed=0, max_runs=2, t0_min=0.2,
-             t0_max=0.8, vae=SpyVAE())
-    assert calls == [] and decoded == []
+def test_perturb_and_t0_search_follow_flow_sampling(flow, guide, conds):
+    import comfy.samplers
+    import comfy_extras.nodes_custom_sampler as cs
+    model, _ = flow
+    noised, sigmas = call("EditLabSDEPerturb", model=model, latent=guide[0], t0=0.5, steps=3, scheduler="normal", seed=0)
+    euler = comfy.samplers.sampler_object("euler")
+    ours = sample(model, conds, cs.Noise_EmptyNoise(), euler, sigmas, noised)
+    native = sample(model, conds, cs.Noise_RandomNoise(0), euler, sigmas, guide[0])
+    torch.testing.assert_close(ours, native, rtol=1e-4, atol=1e-4)
+    (inner,) = call("EditLabReverseSDESampler", mode="deterministic", seed=0, repeat=1)
+    result, t0, _ = call("EditLabSDEditT0Search", model=model, positive=conds[0], negative=conds[1], sampler=inner,
+                         guide=guide[0], budget=1e6, cfg=5.0, steps=2, scheduler="normal", seed=0, max_runs=2,
+                         t0_min=0.2, t0_max=0.8)
+    assert t0 == 0.8
+    noised, sigmas = call("EditLabSDEPerturb", model=model, latent=guide[0], t0=t0, steps=2, scheduler="normal", seed=0)
+    again = sample(model, conds, cs.Noise_EmptyNoise(), inner, sigmas, noised)
+    torch.testing.assert_close(result["samples"], again, rtol=1e-4, atol=1e-4)
 
 
 # -- choices reaching execute through a link (or an unchecked API prompt) are refused ----------------

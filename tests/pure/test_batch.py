@@ -325,3 +325,35 @@ def test_ray_backend_interrupted_run_resumes_to_the_same_results(tmp_path, ray_l
     assert summary["skipped"] == 2 and summary["done"] == 4
     assert sorted(r["row"] for r in _records(part.out)) == [f"r{i}" for i in range(6)]  # each row once
     assert _results(part.out) == _results(whole.out)
+
+
+def test_pie_bench_rle_masks_bind_as_decoded_pictures(tmp_path):
+    """--bind NODE.image=mask_path on the pie-bench layout: the RLE mask becomes a 512x512 picture under OUT
+    (white = edited), once, with the run's other guarantees (confined, same file on a re-run)."""
+    import numpy as np
+    from PIL import Image
+    pie = tmp_path / "pie"
+    (pie / "annotation_images" / "0_random_140").mkdir(parents=True)
+    (pie / "annotation_images" / "0_random_140" / "1.jpg").write_bytes(b"x")
+    rle = [512 * 10 + 20, 30, 512 * 11 + 20, 30, 512 * 511 + 500, 100]  # two 30-px runs, then one clipped at the end
+    (pie / "mapping_file.json").write_text(json.dumps({
+        "1": {"image_path": "0_random_140/1.jpg", "original_prompt": "a [cat]", "editing_prompt": "a [dog]", "mask": rle},
+        "2": {"image_path": "0_random_140/1.jpg", "original_prompt": "a", "editing_prompt": "b", "mask": [3]}}))
+    prompt = dict(PROMPT, **{"5": {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "red"},
+                                   "_meta": {"title": "Edit mask"}}})
+    plan = batch.make_plan(prompt, f"pie-bench:{pie}", str(tmp_path / "out"), worker=STANDIN,
+                           bind=["Load Image.image=image_path", "Edit mask.image=mask_path"])
+    rows = dict(plan.source.rows())
+    task = batch.make_task(plan, "1", rows["1"])
+    path = task["inputs"]["Edit mask.image"]
+    assert "error" not in task and path == os.path.join(plan.out, "_masks", "1.png")
+    m = np.asarray(Image.open(path)) > 127
+    expected = np.zeros(512 * 512, bool)
+    expected[512 * 10 + 20:512 * 10 + 50] = expected[512 * 11 + 20:512 * 11 + 50] = True
+    expected[512 * 511 + 500:] = True
+    assert m.shape == (512, 512) and (m.reshape(-1) == expected).all()
+    mtime = os.stat(path).st_mtime_ns
+    assert batch.make_task(plan, "1", rows["1"])["inputs"]["Edit mask.image"] == path
+    assert os.stat(path).st_mtime_ns == mtime  # made once
+    bad = batch.make_task(plan, "2", rows["2"])  # an odd-length RLE fails that row alone, with a message
+    assert "mask" in bad["error"] and "RLE" in bad["error"]

@@ -204,3 +204,23 @@ def test_cli_subcommands_are_a_registry(monkeypatch, capsys):
     monkeypatch.setitem(runner.SUBCOMMANDS, "probe", ("a test subcommand", add, handler))
     assert runner.main(["probe", "--n", "3"]) == 7 and seen == {"n": 3}
     assert {"run", "build-workflows"} <= set(runner.SUBCOMMANDS)
+
+
+def test_seed_named_widgets_carry_the_frontends_control_value():
+    """Regression: ComfyUI's frontend adds a 'control after generate' widget to every input named seed /
+    noise_seed, flag or not (its widgets_values count: ``control_after_generate || ["seed", "noise_seed"]``).
+    DreamBooth Train's seed had no flag, so the builder wrote one value fewer than the frontend reads and the
+    frontend shifted save_every onto 'dreambooth' (the checkpoint name): the queued workflow failed to validate."""
+    from editlab.headless import convert as conv
+    from editlab.headless.builder import Graph
+    assert conv.extra_values(["INT", {}], "seed") == 1 and conv.extra_values(["INT", {}], "noise_seed") == 1
+    assert conv.extra_values(["INT", {}], "steps") == 0
+    info = {"N": {"input": {"required": {"seed": ["INT", {"default": 0}], "save_every": ["INT", {"default": 0}],
+                                         "name": ["STRING", {"default": "dreambooth"}]}},
+                  "output": [], "output_name": [], "display_name": "N"}}
+    g = Graph(info, stages=["s"])
+    g.add("N", 0, seed=5, save_every=10, name="x")
+    wf = g.to_json()
+    assert wf["nodes"][0]["widgets_values"] == [5, "fixed", 10, "x"]
+    api = convert(wf, {"N": info["N"]["input"]})
+    assert api["1"]["inputs"] == {"seed": 5, "save_every": 10, "name": "x"}
