@@ -1,4 +1,4 @@
-"""Example workflows for the flow-model editing methods: FlowEdit (SD3.5, Flux) and RF-Inversion (Flux).
+"""Example workflows for the flow-model editing methods: FlowEdit and RF-Inversion, on SD3.5 and Flux.
 
 Merged into ``examples.EXAMPLES``; same style (see builder.py). docs/methods.md §11.
 """
@@ -144,8 +144,46 @@ def rf_inversion_flux(info: dict) -> dict:
     return g.to_json()
 
 
+def rf_inversion_sd35(info: dict) -> dict:
+    g = Graph(info, stages=["load", "encode", "RF-Inversion (controlled forward ODE)", "save",
+                            "edit guider (controlled reverse ODE)", "sample, decode and save"])
+    g.note(
+        "## RF-Inversion on SD3.5: invert once, save, edit (with real CFG)\n\n"
+        "Rout et al., ICLR 2025, on a flow model that keeps its unconditional branch: the edit may use\n"
+        "real classifier-free guidance (cfg > 1 with a negative prompt), unlike Flux-dev.\n"
+        "**Invert** with gamma toward a seeded noise sample (empty source prompt, cfg 1), save the\n"
+        "INVERSION, **edit** with eta pulling each step of the window toward the photo.\n\n"
+        f"* **Load Checkpoint**: `{SD35_CHECKPOINT}`; text encoders from Triple CLIP Loader.\n"
+        "* Settings: the authors' values transferred from Flux (they publish Flux only): 28 steps,\n"
+        "  gamma 0.5, eta 0.9 on steps 0-6; target cfg 3.5 with an empty negative; shift 3.\n"
+        "* **Nothing changes** (you get the photo back)? lower eta (0.7-0.8) or stop_step (4-5).\n"
+        "  **Photo lost**? raise eta or stop_step, or lower gamma.\n"
+        "* **shift** (ModelSamplingSD3): the window counts steps; keep the same model and shift for\n"
+        "  inverting and editing (the SIGMAS must be the inversion's).",
+        width=520)
+    base, _clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SD35_CHECKPOINT)
+    (clip,) = g.add("TripleCLIPLoader", 0, clip_name1=SD3_TEXT_ENCODERS[0], clip_name2=SD3_TEXT_ENCODERS[1],
+                    clip_name3=SD3_TEXT_ENCODERS[2])
+    (model,) = g.add("ModelSamplingSD3", 0, model=base, shift=3.0)
+    _image, latent = _photo(g, vae)
+    (src,) = g.add("CLIPTextEncode", 1, title="Source prompt (empty, as the authors)", text="", clip=clip)
+    (tar,) = g.add("CLIPTextEncode", 1, title="Target prompt (the edit)", text=TARGET, clip=clip)
+    (neg,) = g.add("CLIPTextEncode", 1, title="Negative prompt (empty)", text="", clip=clip)
+    inv, noise, sigmas = g.add("EditLabRFInversionInvert", 2, model=model, positive=src, latent=latent, steps=28,
+                               scheduler="simple", gamma=0.5, seed=0)
+    g.add("EditLabSaveInversion", 3, inversion=inv, filename_prefix="rf_inversion_sd35", source_prompt="")
+    (guider,) = g.add("EditLabRFInversionGuider", 4, model=model, inversion=inv, positive=tar, negative=neg, cfg=3.5,
+                      eta=0.9, start_step=0, stop_step=7)
+    (sampler,) = g.add("KSamplerSelect", 4, sampler_name="euler")
+    (off,) = g.add("DisableNoise", 4)
+    g.sample_decode(5, noise=off, guider=guider, sampler=sampler, sigmas=sigmas, latent=noise, vae=vae,
+                    prefix="editlab_rf_inversion_sd35")
+    return g.to_json()
+
+
 EXAMPLES: dict[str, Callable[[dict], dict]] = {
     "FlowEdit - SD3.5 photo edit (no inversion)": flowedit_sd35,
     "FlowEdit - Flux-dev photo edit (no inversion)": flowedit_flux,
     "RF-Inversion - Flux-dev invert, save, edit": rf_inversion_flux,
+    "RF-Inversion - SD3.5 invert, save, edit (real CFG)": rf_inversion_sd35,
 }
