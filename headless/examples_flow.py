@@ -106,6 +106,21 @@ def flowedit_flux(info: dict) -> dict:
     return g.to_json()
 
 
+def _rf_invert_save_edit(g: Graph, model: Out, vae: Out, latent: Out, src: Out, tar: Out, *, name: str, prefix: str,
+                         negative: Out | None = None, cfg: float = 1.0) -> None:
+    """RF-Inversion with the authors' settings (28 steps, gamma 0.5; eta 0.9 on steps 0-6, euler): invert,
+    save the INVERSION, edit from it, decode and save (columns 2-5)."""
+    inv, noise, sigmas = g.add("EditLabRFInversionInvert", 2, model=model, positive=src, latent=latent, steps=28,
+                               scheduler="simple", gamma=0.5, seed=0)
+    g.add("EditLabSaveInversion", 3, inversion=inv, filename_prefix=name, source_prompt="")
+    extra = {"negative": negative} if negative is not None else {}
+    (guider,) = g.add("EditLabRFInversionGuider", 4, model=model, inversion=inv, positive=tar, cfg=cfg, eta=0.9,
+                      start_step=0, stop_step=7, **extra)
+    (sampler,) = g.add("KSamplerSelect", 4, sampler_name="euler")
+    (off,) = g.add("DisableNoise", 4)
+    g.sample_decode(5, noise=off, guider=guider, sampler=sampler, sigmas=sigmas, latent=noise, vae=vae, prefix=prefix)
+
+
 def rf_inversion_flux(info: dict) -> dict:
     g = Graph(info, stages=["load", "encode", "RF-Inversion (controlled forward ODE)", "save",
                             "edit guider (controlled reverse ODE)", "sample, decode and save"])
@@ -132,15 +147,7 @@ def rf_inversion_flux(info: dict) -> dict:
     (src,) = g.add("FluxGuidance", 1, conditioning=empty, guidance=0.0)
     (tar_text,) = g.add("CLIPTextEncode", 1, title="Target prompt (the edit)", text=TARGET, clip=clip)
     (tar,) = g.add("FluxGuidance", 1, conditioning=tar_text, guidance=3.5)
-    inv, noise, sigmas = g.add("EditLabRFInversionInvert", 2, model=model, positive=src, latent=latent, steps=28,
-                               scheduler="simple", gamma=0.5, seed=0)
-    g.add("EditLabSaveInversion", 3, inversion=inv, filename_prefix="rf_inversion", source_prompt="")
-    (guider,) = g.add("EditLabRFInversionGuider", 4, model=model, inversion=inv, positive=tar, cfg=1.0, eta=0.9,
-                      start_step=0, stop_step=7)
-    (sampler,) = g.add("KSamplerSelect", 4, sampler_name="euler")
-    (off,) = g.add("DisableNoise", 4)
-    g.sample_decode(5, noise=off, guider=guider, sampler=sampler, sigmas=sigmas, latent=noise, vae=vae,
-                    prefix="editlab_rf_inversion_flux")
+    _rf_invert_save_edit(g, model, vae, latent, src, tar, name="rf_inversion", prefix="editlab_rf_inversion_flux")
     return g.to_json()
 
 
@@ -169,15 +176,8 @@ def rf_inversion_sd35(info: dict) -> dict:
     (src,) = g.add("CLIPTextEncode", 1, title="Source prompt (empty, as the authors)", text="", clip=clip)
     (tar,) = g.add("CLIPTextEncode", 1, title="Target prompt (the edit)", text=TARGET, clip=clip)
     (neg,) = g.add("CLIPTextEncode", 1, title="Negative prompt (empty)", text="", clip=clip)
-    inv, noise, sigmas = g.add("EditLabRFInversionInvert", 2, model=model, positive=src, latent=latent, steps=28,
-                               scheduler="simple", gamma=0.5, seed=0)
-    g.add("EditLabSaveInversion", 3, inversion=inv, filename_prefix="rf_inversion_sd35", source_prompt="")
-    (guider,) = g.add("EditLabRFInversionGuider", 4, model=model, inversion=inv, positive=tar, negative=neg, cfg=3.5,
-                      eta=0.9, start_step=0, stop_step=7)
-    (sampler,) = g.add("KSamplerSelect", 4, sampler_name="euler")
-    (off,) = g.add("DisableNoise", 4)
-    g.sample_decode(5, noise=off, guider=guider, sampler=sampler, sigmas=sigmas, latent=noise, vae=vae,
-                    prefix="editlab_rf_inversion_sd35")
+    _rf_invert_save_edit(g, model, vae, latent, src, tar, name="rf_inversion_sd35",
+                         prefix="editlab_rf_inversion_sd35", negative=neg, cfg=3.5)
     return g.to_json()
 
 
