@@ -61,10 +61,7 @@ def flowedit_sd35(info: dict) -> dict:
         "  an empty negative prompt, shift 3 (the model's own).\n"
         + _FLOWEDIT_KNOBS,
         width=520)
-    base, _clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SD35_CHECKPOINT)
-    (clip,) = g.add("TripleCLIPLoader", 0, clip_name1=SD3_TEXT_ENCODERS[0], clip_name2=SD3_TEXT_ENCODERS[1],
-                    clip_name3=SD3_TEXT_ENCODERS[2])
-    (model,) = g.add("ModelSamplingSD3", 0, model=base, shift=3.0)
+    model, clip, vae = _sd35_loaders(g)
     _image, latent = _photo(g, vae)
     (src,) = g.add("CLIPTextEncode", 1, title="Source prompt (describe the photo)", text=SOURCE, clip=clip)
     (tar,) = g.add("CLIPTextEncode", 1, title="Target prompt (the edit)", text=TARGET, clip=clip)
@@ -73,6 +70,15 @@ def flowedit_sd35(info: dict) -> dict:
                       target_scale=13.5, negative=neg)
     _flowedit_tail(g, 3, model, guider, vae, latent, steps=50, n_max=33, seed=42, prefix="editlab_flowedit_sd35")
     return g.to_json()
+
+
+def _sd35_loaders(g: Graph) -> tuple[Out, Out, Out]:
+    """SD3.5 checkpoint (model + VAE), its three text encoders, the model's own shift 3."""
+    base, _clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SD35_CHECKPOINT)
+    (clip,) = g.add("TripleCLIPLoader", 0, clip_name1=SD3_TEXT_ENCODERS[0], clip_name2=SD3_TEXT_ENCODERS[1],
+                    clip_name3=SD3_TEXT_ENCODERS[2])
+    (model,) = g.add("ModelSamplingSD3", 0, model=base, shift=3.0)
+    return model, clip, vae
 
 
 def _flux_loaders(g: Graph) -> tuple[Out, Out, Out]:
@@ -168,10 +174,7 @@ def rf_inversion_sd35(info: dict) -> dict:
         "* **shift** (ModelSamplingSD3): the window counts steps; keep the same model and shift for\n"
         "  inverting and editing (the SIGMAS must be the inversion's).",
         width=520)
-    base, _clip, vae = g.add("CheckpointLoaderSimple", 0, ckpt_name=SD35_CHECKPOINT)
-    (clip,) = g.add("TripleCLIPLoader", 0, clip_name1=SD3_TEXT_ENCODERS[0], clip_name2=SD3_TEXT_ENCODERS[1],
-                    clip_name3=SD3_TEXT_ENCODERS[2])
-    (model,) = g.add("ModelSamplingSD3", 0, model=base, shift=3.0)
+    model, clip, vae = _sd35_loaders(g)
     _image, latent = _photo(g, vae)
     (src,) = g.add("CLIPTextEncode", 1, title="Source prompt (empty, as the authors)", text="", clip=clip)
     (tar,) = g.add("CLIPTextEncode", 1, title="Target prompt (the edit)", text=TARGET, clip=clip)

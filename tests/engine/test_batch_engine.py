@@ -2,12 +2,11 @@
 SD1.5-architecture checkpoint (found through ``--model-path``), over a small CSV of 64 px images."""
 from __future__ import annotations
 
-import json
 import os
-import signal
 
 import numpy as np
 import pytest
+from batch_checks import KillOther, records, results
 from PIL import Image
 
 from editlab.headless import batch
@@ -37,17 +36,8 @@ def _plan(engine, data, out):
                            input_dir=str(engine.root / "input"), comfyui=os.environ["COMFYUI_PATH"])
 
 
-def _records(out):
-    with open(os.path.join(out, "manifest.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
-def _results(out):
-    res = {}
-    for r in _records(out):
-        res[r["row"]] = (json.dumps(r["inputs"], sort_keys=True), r["outputs"], r["error"],
-                         {p: open(os.path.join(out, p), "rb").read() for p in r["outputs"]})
-    return res
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def one_worker(engine, dataset, tmp_path_factory):
 
 
 def test_single_worker_run_saves_one_image_per_good_row(one_worker):
-    recs = {r["row"]: r for r in _records(one_worker)}
+    recs = {r["row"]: r for r in records(one_worker)}
     assert sorted(recs) == ["bad", "img0", "img1", "img2", "img3"]
     assert "LoadImage" in recs["bad"]["error"] and recs["bad"]["outputs"] == []  # the bad row fails alone
     for row in ("img0", "img1", "img2", "img3"):
@@ -71,21 +61,12 @@ def test_single_worker_run_saves_one_image_per_good_row(one_worker):
 
 def test_two_workers_with_one_killed_match_one_worker_bit_for_bit(engine, dataset, one_worker, tmp_path):
     plan = _plan(engine, dataset, tmp_path / "out")
-    pids, killed = [], []
-
-    def kill_other(record):  # once both workers reported, kill the one that did not just report
-        pid = int(record["worker"].split(":")[1]) if record["worker"] != "batch" else None
-        if pid and pid not in pids:
-            pids.append(pid)
-        if not killed and len(pids) == 2:
-            victim = next(p for p in pids if p != pid)
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+    kill_other = KillOther()
 
     batch.run_batch(plan, workers=2, progress=False, on_record=kill_other)
-    assert killed, "a worker process was killed mid-run"
-    assert sorted(r["row"] for r in _records(plan.out)) == ["bad", "img0", "img1", "img2", "img3"]  # each once
-    assert _results(plan.out) == _results(one_worker)
+    assert kill_other.killed, "a worker process was killed mid-run"
+    assert sorted(r["row"] for r in records(plan.out)) == ["bad", "img0", "img1", "img2", "img3"]  # each once
+    assert results(plan.out) == results(one_worker)
 
 
 def test_interrupted_run_resumes_to_the_same_manifest_and_files(engine, dataset, one_worker, tmp_path):
@@ -100,8 +81,8 @@ def test_interrupted_run_resumes_to_the_same_manifest_and_files(engine, dataset,
         batch.run_batch(_plan(engine, dataset, tmp_path / "out"), workers=2, progress=False, on_record=interrupt)
     summary = batch.run_batch(_plan(engine, dataset, tmp_path / "out"), workers=2, progress=False)
     assert summary["skipped"] == 2 and summary["ran"] == 3
-    assert sorted(r["row"] for r in _records(tmp_path / "out")) == ["bad", "img0", "img1", "img2", "img3"]
-    assert _results(str(tmp_path / "out")) == _results(one_worker)
+    assert sorted(r["row"] for r in records(tmp_path / "out")) == ["bad", "img0", "img1", "img2", "img3"]
+    assert results(str(tmp_path / "out")) == results(one_worker)
 
 
 def test_ray_backend_with_a_killed_actor_matches_one_worker(engine, dataset, one_worker, tmp_path):
@@ -110,19 +91,9 @@ def test_ray_backend_with_a_killed_actor_matches_one_worker(engine, dataset, one
              object_store_memory=100 * 2**20)
     try:
         plan = _plan(engine, dataset, tmp_path / "out")
-        pids, killed = [], []
-
-        def kill_other(record):  # once both actors reported, kill the one that did not just report
-            pid = int(record["worker"].split(":")[1]) if record["worker"] != "batch" else None
-            if pid and pid not in pids:
-                pids.append(pid)
-            if not killed and len(pids) == 2:
-                victim = next(p for p in pids if p != pid)
-                os.kill(victim, signal.SIGKILL)
-                killed.append(victim)
-
+        kill_other = KillOther()
         batch.run_batch(plan, backend="ray", workers=2, progress=False, on_record=kill_other)
     finally:
         ray.shutdown()
-    assert sorted(r["row"] for r in _records(plan.out)) == ["bad", "img0", "img1", "img2", "img3"]  # each once
-    assert _results(plan.out) == _results(one_worker)
+    assert sorted(r["row"] for r in records(plan.out)) == ["bad", "img0", "img1", "img2", "img3"]  # each once
+    assert results(plan.out) == results(one_worker)

@@ -19,10 +19,7 @@ def comfy(tmp_path_factory):
     runner.boot(COMFYUI_PATH)
     import folder_paths
     root = tmp_path_factory.mktemp("editlab_metrics")
-    rmm.write_clip(root / "clip-vit-large-patch14")
-    rmm.write_vit(root / "dino-vitb8", seed=1)
-    rmm.write_vit(root / "dino-vits16", seed=2)
-    rmm.write_lpips_backbone(root / "lpips")
+    rmm.write_default_set(root)
     folder_paths.add_model_folder_path("editlab_metrics", str(root), is_default=True)
     return runner, root
 

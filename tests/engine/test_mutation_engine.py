@@ -106,10 +106,7 @@ def _write_metric_models(folder) -> None:
     import random_metric_models as rmm
     from editlab.metrics.names import DEFAULT_NAMES
     if not folder.exists():
-        rmm.write_clip(folder / DEFAULT_NAMES["clip"])
-        rmm.write_vit(folder / DEFAULT_NAMES["structure"], seed=1)
-        rmm.write_vit(folder / DEFAULT_NAMES["dino"], seed=2)
-        rmm.write_lpips_backbone(folder / DEFAULT_NAMES["lpips"])
+        rmm.write_default_set(folder)
     if not (folder / DEFAULT_NAMES["inception"]).exists():
         rmm.write_inception(folder / DEFAULT_NAMES["inception"])
     folder_paths.add_model_folder_path("editlab_metrics", str(folder), is_default=True)

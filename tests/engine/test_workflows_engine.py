@@ -64,10 +64,7 @@ def _ensure_loras_and_metric_models(engine, workflow: dict) -> None:
     if any(n["type"] in metric_nodes for n in workflow["nodes"]):
         root = engine.root / "models" / "editlab_metrics"
         if not (root / "clip-vit-large-patch14").exists():
-            rmm.write_clip(root / "clip-vit-large-patch14")
-            rmm.write_vit(root / "dino-vitb8", seed=1)
-            rmm.write_vit(root / "dino-vits16", seed=2)
-            rmm.write_lpips_backbone(root / "lpips")
+            rmm.write_default_set(root)
         folder_paths.add_model_folder_path("editlab_metrics", str(root), is_default=True)
 
 

@@ -2,21 +2,19 @@
 driven by a stand-in worker (no ComfyUI) that the worker processes load from this file."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+import batch_checks
+from batch_checks import KillOther, records, results
 
 from editlab.errors import EditLabError
 from editlab.headless import batch
-from editlab.headless.batch import atomic_row_dir, row_files
 
-STANDIN = f"{os.path.abspath(__file__)}:StandIn"
+STANDIN = f"{os.path.abspath(batch_checks.__file__)}:StandIn"  # loaded by the worker processes
 PROMPT = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Load Image"}},
     "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}, "_meta": {"title": "Source prompt"}},
@@ -24,32 +22,6 @@ PROMPT = {
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a.safetensors"}, "_meta": {"title": "ckpt"}},
 }
 BIND = ["Load Image.image=image_path", "Source prompt.text=prompt"]
-
-
-class StandIn:
-    """A worker without ComfyUI: its output file is a function of the row's inputs only (like a seeded
-    workflow). ``prompt`` values steer it: ``boom`` raises, ``die`` kills the process every time,
-    ``die-once`` kills it the first time only."""
-
-    def __init__(self, config: dict):
-        self.out, self.sleep = config["out"], config.get("sleep", 0.0)
-
-    def run_row(self, task: dict) -> dict:
-        values = {f"{n}.{i}": v for n, i, v in task["set"]}
-        prompt = values.get("2.text", "")
-        if prompt == "boom":
-            raise ValueError("boom row\nsecond line")
-        marker = os.path.join(self.out, f"died-{task['row']}")
-        if prompt == "die" or (prompt == "die-once" and not os.path.exists(marker)):
-            open(marker, "w").close()
-            os._exit(9)
-        time.sleep(self.sleep)
-        with open(values["1.image"], "rb") as fh:
-            pixels = fh.read()
-        with atomic_row_dir(self.out, task["row"], str(os.getpid())) as tmp:
-            with open(os.path.join(tmp, "out.bin"), "wb") as fh:
-                fh.write(hashlib.sha256(pixels + json.dumps(values, sort_keys=True).encode()).digest())
-        return {"outputs": row_files(self.out, task["row"])}
 
 
 def _dataset(tmp_path, prompts):
@@ -67,18 +39,8 @@ def _plan(tmp_path, data, out="out", bind=BIND, **kw):
     return batch.make_plan(PROMPT, data, str(tmp_path / out), bind=bind, worker=STANDIN, **kw)
 
 
-def _records(out):
-    with open(os.path.join(out, "manifest.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
-def _results(out):
-    """Per row: inputs, outputs, error and the bytes of every output (what must not depend on workers)."""
-    res = {}
-    for r in _records(out):
-        files = {p: open(os.path.join(out, p), "rb").read() for p in r["outputs"]}
-        res[r["row"]] = (json.dumps(r["inputs"], sort_keys=True), r["outputs"], r["error"], files)
-    return res
 
 
 def test_local_two_workers_run_each_row_once_and_match_one_worker(tmp_path):
@@ -88,11 +50,11 @@ def test_local_two_workers_run_each_row_once_and_match_one_worker(tmp_path):
     summary = batch.run_batch(two, workers=2, progress=False)
     one = _plan(tmp_path, data, "one")
     batch.run_batch(one, workers=1, progress=False)
-    recs = _records(two.out)
+    recs = records(two.out)
     assert sorted(r["row"] for r in recs) == [f"r{i}" for i in range(8)]  # each row exactly once
     assert len({r["worker"] for r in recs}) == 2, "both workers took rows"
     assert summary["done"] == 8 and summary["failed"] == 0
-    assert _results(two.out) == _results(one.out)
+    assert results(two.out) == results(one.out)
     seeds = {r["inputs"]["3.seed"] for r in recs}
     assert len(seeds) == 8 and 5 not in seeds  # a derived seed per row replaces the workflow's
     assert not [n for n in os.listdir(os.path.join(two.out, "rows")) if n.startswith(".tmp")]
@@ -102,8 +64,8 @@ def test_failing_row_fails_alone_and_dead_workers_are_replaced(tmp_path):
     data = _dataset(tmp_path, ["ok 0", "boom", "die-once", "die", "ok 4"])
     plan = _plan(tmp_path, data)
     summary = batch.run_batch(plan, workers=2, progress=False)
-    recs = {r["row"]: r for r in _records(plan.out)}
-    assert sorted(recs) == ["r0", "r1", "r2", "r3", "r4"] and len(_records(plan.out)) == 5
+    recs = {r["row"]: r for r in records(plan.out)}
+    assert sorted(recs) == ["r0", "r1", "r2", "r3", "r4"] and len(records(plan.out)) == 5
     assert recs["r1"]["error"] == "ValueError: boom row" and recs["r1"]["outputs"] == []
     assert recs["r2"]["error"] is None and recs["r2"]["outputs"] == ["rows/r2/out.bin"]  # retried on a new process
     assert "worker process died" in recs["r3"]["error"]
@@ -126,13 +88,13 @@ def test_interrupted_run_resumes_to_the_same_manifest_and_files(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         batch.run_batch(part, workers=2, progress=False, on_record=interrupt)
-    assert len(_records(part.out)) == 3
+    assert len(records(part.out)) == 3
     with open(os.path.join(part.out, "manifest.jsonl"), "a") as fh:
         fh.write('{"row": "r6", "inputs": {"torn')  # a write cut by a kill
     summary = batch.run_batch(_plan(tmp_path, data, "part"), workers=2, progress=False)
     assert summary["skipped"] == 3 and summary["done"] == 4
-    assert sorted(r["row"] for r in _records(part.out)) == [f"r{i}" for i in range(7)]
-    assert _results(part.out) == _results(whole.out)
+    assert sorted(r["row"] for r in records(part.out)) == [f"r{i}" for i in range(7)]
+    assert results(part.out) == results(whole.out)
 
 
 def test_resume_refuses_another_command(tmp_path):
@@ -286,27 +248,18 @@ def test_ray_backend_runs_each_row_once_matches_local_and_survives_a_killed_acto
     batch.run_batch(local, workers=1, progress=False)
     plan = _plan(tmp_path, data, "ray")
     plan.worker_config["sleep"] = 0.5
-    killed, pids = [], []
-
-    def kill_other(record):  # once both actors reported, kill the one that did not just report: it is busy
-        if record["worker"] != "batch" and int(record["worker"].split(":")[1]) not in pids:
-            pids.append(int(record["worker"].split(":")[1]))
-        if not killed and len(pids) == 2:
-            victim = next(p for p in pids if p != int(record["worker"].split(":")[1]))
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
-
+    kill_other = KillOther()  # once both actors reported, kill the one that did not just report: it is busy
     summary = batch.run_batch(plan, backend="ray", workers=2, progress=False, on_record=kill_other)
-    recs = _records(plan.out)
+    recs = records(plan.out)
     assert sorted(r["row"] for r in recs) == sorted(f"r{i}" for i in range(8))  # each row once
     assert summary["failed"] == 2 and "worker process died" in {r["row"]: r for r in recs}["r7"]["error"]
-    assert {k: v for k, v in _results(plan.out).items() if k != "r7"} == \
-        {k: v for k, v in _results(local.out).items() if k != "r7"}
-    assert killed, "an actor was killed mid-run"
+    assert {k: v for k, v in results(plan.out).items() if k != "r7"} == \
+        {k: v for k, v in results(local.out).items() if k != "r7"}
+    assert kill_other.killed, "an actor was killed mid-run"
 
 
 
-def test_ray_backend_interrupted_run_resumes_to_the_same_results(tmp_path, ray_local):
+def test_ray_backend_interrupted_run_resumes_to_the_sameresults(tmp_path, ray_local):
     data = _dataset(tmp_path, [f"s{i}" for i in range(6)])
     whole = _plan(tmp_path, data, "whole")
     batch.run_batch(whole, workers=1, progress=False)
@@ -323,8 +276,8 @@ def test_ray_backend_interrupted_run_resumes_to_the_same_results(tmp_path, ray_l
         batch.run_batch(part, backend="ray", workers=2, progress=False, on_record=interrupt)
     summary = batch.run_batch(_plan(tmp_path, data, "part"), backend="ray", workers=2, progress=False)
     assert summary["skipped"] == 2 and summary["done"] == 4
-    assert sorted(r["row"] for r in _records(part.out)) == [f"r{i}" for i in range(6)]  # each row once
-    assert _results(part.out) == _results(whole.out)
+    assert sorted(r["row"] for r in records(part.out)) == [f"r{i}" for i in range(6)]  # each row once
+    assert results(part.out) == results(whole.out)
 
 
 def test_pie_bench_rle_masks_bind_as_decoded_pictures(tmp_path):

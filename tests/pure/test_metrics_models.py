@@ -17,10 +17,7 @@ from editlab.metrics import edit, embed, kid, models
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("editlab_metrics")
-    rmm.write_clip(root / "clip-vit-large-patch14")
-    rmm.write_vit(root / "dino-vitb8", seed=1)
-    rmm.write_vit(root / "dino-vits16", seed=2)
-    rmm.write_lpips_backbone(root / "lpips")
+    rmm.write_default_set(root)
     return root
 
 

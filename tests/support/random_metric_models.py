@@ -5,6 +5,7 @@
 - ``write_vit``: a Hugging Face ViTModel folder (DINO layout) of a tiny config.
 - ``write_lpips_backbone``: torchvision's SqueezeNet-1.1 state dict under its published file name.
 - ``write_inception``: torchvision's Inception-v3 state dict (random, float16 to keep it small).
+- ``write_default_set``: the metric nodes' default folders (CLIP, both ViTs, LPIPS) in one call.
 """
 from __future__ import annotations
 
@@ -100,3 +101,14 @@ class TinyFeatures(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.conv(x.float())).mean((2, 3))
+
+
+def write_default_set(root: Path) -> Path:
+    """The metric nodes' default folders under ``root`` (names as metrics/names.py's DEFAULT_NAMES): CLIP, the
+    structure ViT (dino-vitb8), the DINO ViT (dino-vits16) and the LPIPS SqueezeNet backbone."""
+    root = Path(root)
+    write_clip(root / "clip-vit-large-patch14")
+    write_vit(root / "dino-vitb8", seed=1)
+    write_vit(root / "dino-vits16", seed=2)
+    write_lpips_backbone(root / "lpips")
+    return root

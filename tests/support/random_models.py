@@ -835,7 +835,6 @@ def build_sd15_controlnet(path: PathLike, unet_config: dict, seed: int = 11) -> 
     """A random ControlNet for a UNet config (LDM ``control_model.*`` layout, what ControlNetLoader reads)."""
     import comfy.cldm.cldm
     import comfy.ops
-    from safetensors.torch import save_file
 
     config = dict(unet_config)
     config.pop("out_channels", None)
@@ -852,10 +851,7 @@ def build_sd15_controlnet(path: PathLike, unet_config: dict, seed: int = 11) -> 
             t = torch.zeros(p.shape)
         sd["control_model." + name] = t.contiguous()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp))
-    os.replace(tmp, path)
+    _atomic_save_safetensors(sd, path, {})
     return path
 
 
@@ -863,7 +859,6 @@ def write_random_lora(model: Any, path: PathLike, seed: int = 7, rank: int = 4, 
     """A random LoRA on every cross-attention projection of ``model`` (a ComfyUI ModelPatcher), in the
     kohya ``lora_unet_*`` layout that core LoraLoaderModelOnly reads; written atomically."""
     import comfy.lora
-    from safetensors.torch import save_file
 
     keys = comfy.lora.model_lora_keys_unet(model.model, {})
     sd = model.model.state_dict()
@@ -878,8 +873,5 @@ def write_random_lora(model: Any, path: PathLike, seed: int = 7, rank: int = 4, 
     if not lora:
         raise ValueError("no cross-attention LoRA keys found")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(lora, str(tmp))
-    os.replace(tmp, path)
+    _atomic_save_safetensors(lora, path, {})
     return path
