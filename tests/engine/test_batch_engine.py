@@ -36,10 +36,6 @@ def _plan(engine, data, out):
                            input_dir=str(engine.root / "input"), comfyui=os.environ["COMFYUI_PATH"])
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def one_worker(engine, dataset, tmp_path_factory):
     plan = _plan(engine, dataset, tmp_path_factory.mktemp("one") / "out")

@@ -5,18 +5,9 @@ import os
 
 import pytest
 import torch
+from engine_calls import call
 
 SIZE = 32  # px: a 4x4 latent keeps each training step to a fraction of a second
-
-
-def node(node_id: str):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[node_id]
-
-
-def call(node_id: str, **kwargs):
-    with torch.inference_mode():
-        return node(node_id).execute(**kwargs).result
 
 
 @pytest.fixture(scope="module")

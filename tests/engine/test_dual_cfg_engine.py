@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from model_checks import assert_models_differ
+from engine_calls import call
 
 IP2P_WORKFLOWS = ["InstructPix2Pix - edit a photo (dual CFG)", "InstructPix2Pix - scale sweep grid (s_I x s_T)",
                   "Dual CFG - prompt vs extra condition balance"]
@@ -18,12 +19,6 @@ INSTRUCTION = "make it a watercolor painting"
 ODD_IMAGE = "editlab_dual_cfg_odd.png"  # 70 x 61 px: not a multiple of 8
 # Parity with diffusers (fp32, CPU): final latents within this relative max error (max |ours - ref| / max |ref|).
 PARITY_RTOL = 2e-5
-
-
-def call(node_id: str, **kwargs):
-    import nodes
-    with torch.inference_mode():
-        return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**kwargs).result
 
 
 def ids_of(prompt: dict, class_type: str) -> list[str]:

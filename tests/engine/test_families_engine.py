@@ -8,16 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from model_checks import assert_models_differ
-
-
-def node(node_id: str):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[node_id]
-
-
-def call(node_id: str, **kwargs):
-    with torch.inference_mode():
-        return node(node_id).execute(**kwargs).result
+from engine_calls import call
 
 
 def sample(model, positive, negative, noise, sampler, sigmas, latent, cfg=5.0):

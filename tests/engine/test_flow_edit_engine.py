@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_calls import call
 
 KINDS = ["sd3", "flux-dev"]
 SCALES = {"sd3": (3.5, 13.5), "flux-dev": (1.5, 5.5)}  # the authors' published pairs
-
-
-def call(node_id: str, **kwargs):
-    import nodes
-    with torch.inference_mode():
-        return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**kwargs).result
 
 
 def run(guider, sampler, sigmas, latent, noise=None):

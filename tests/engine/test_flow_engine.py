@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_calls import call
 
 KINDS = ["sd3", "flux-dev", "flux-schnell"]
-
-
-def call(node_id: str, **kwargs):
-    import nodes
-    with torch.inference_mode():
-        return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**kwargs).result
 
 
 def sample(model, pos, neg, noise, sampler, sigmas, latent, cfg):

@@ -9,18 +9,9 @@ import torch
 from model_checks import snapshot
 
 import random_metric_models as rmm
+from engine_calls import call
 
 STEPS = 4
-
-
-def node(node_id: str):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[node_id]
-
-
-def call(node_id: str, **kwargs):
-    with torch.inference_mode():
-        return node(node_id).execute(**kwargs).result
 
 
 def write_classifier(folder, name: str, channels: int, seed: int, takes_sigma: bool = True) -> None:

@@ -6,19 +6,10 @@ import os
 import pytest
 import torch
 from model_checks import assert_models_differ
+from engine_calls import call
 
 STEPS = 5
 DRIFT_MARGIN_DB = 3.0  # null-text must beat the plain-CFG drift clearly (see the first use)
-
-
-def node(node_id: str):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[node_id]
-
-
-def call(node_id: str, **kwargs):
-    with torch.inference_mode():
-        return node(node_id).execute(**kwargs).result
 
 
 @pytest.fixture(scope="module")

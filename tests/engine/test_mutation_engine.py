@@ -15,22 +15,13 @@ from typing import Any, Callable
 import pytest
 import torch
 from model_checks import diff, snapshot
+from engine_calls import call, node_cls
 
 # Fast settings for every widget of that name (64 px inputs, a handful of model calls per node).
 FAST = {"steps": 2, "inner_steps": 1, "max_runs": 2, "tile_size": 16, "prompt_reps": 2, "cfg": 5.0}
 # Socket types that carry data a node could mutate; every node taking one has a case below.
 DATA_TYPES = {"MODEL", "CONDITIONING", "LATENT", "CLIP", "VAE", "IMAGE", "MASK", "SIGMAS", "SAMPLER",
               "EDITLAB_INVERSION", "EDITLAB_P2P_EDIT", "SUBJECT", "SUBJECT_ENCODER"}
-
-
-def node_cls(node_id: str):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[node_id]
-
-
-def call(node_id: str, **kwargs):
-    with torch.inference_mode():
-        return node_cls(node_id).execute(**kwargs).result
 
 
 def with_defaults(node_id: str, given: dict) -> dict:

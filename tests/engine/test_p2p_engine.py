@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_calls import call
 
 P2P_WORKFLOWS = [
     "Prompt-to-Prompt - word swap (generated image)",
@@ -10,12 +11,6 @@ P2P_WORKFLOWS = [
     "Prompt-to-Prompt - attention maps per word",
 ]
 FAST = {"steps": 3, "width": 64, "height": 64}
-
-
-def call(node_id: str, **kwargs):
-    import nodes
-    with torch.inference_mode():
-        return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**kwargs).result
 
 
 def encode(clip, source, target, mode="replace", reweight_words="", blend_words="", cross_replace_words=""):

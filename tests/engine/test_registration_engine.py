@@ -8,7 +8,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def _pack_nodes(engine) -> dict[str, type]:
     """Every node class ComfyUI registered from this pack's folder (found by source file, not by name)."""
     import inspect

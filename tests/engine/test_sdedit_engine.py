@@ -8,19 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_calls import call
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"steps": 3, "max_runs": 3}
-
-
-def node_cls(node_id: str):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[node_id]
-
-
-def call(node_id: str, **kwargs):
-    with torch.inference_mode():
-        return node_cls(node_id).execute(**kwargs).result
 
 
 def ids_of(prompt: dict, class_type: str) -> list[str]:

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_calls import call
 
 WORKFLOW = "Subject - zero-shot subject-driven generation (BLIP-Diffusion)"
 FAST = {"steps": 3, "width": 64, "height": 64}
 PROMPT = "swimming underwater"
-
-
-def call(node_id: str, **kwargs):
-    import nodes
-    with torch.inference_mode():
-        return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**kwargs).result
 
 
 @pytest.fixture(scope="module")
