@@ -21,7 +21,7 @@ from ..guidance.classifier import load_classifier
 from ..guidance.gradient import ClassifierLoss, ClipGuidanceLoss, CutoutConfig
 from ..metrics import models as mm
 from .common import CATEGORY, EditLabError, EditLabNode
-from .metrics import model_choices, search_dirs
+from .metrics import folder_choices, search_dirs
 
 GUIDANCE_CATEGORY = f"{CATEGORY}/Gradient guidance"
 LossType = io.Custom("EDITLAB_GUIDANCE_LOSS")
@@ -109,10 +109,8 @@ def _clip_encoder(clip_model: str, clip_vision):
 
 
 def clip_choices() -> list[str]:
-    # The metric nodes' default name is always offered, so a workflow saved with it validates; loading it says
-    # where to put the folder when it is missing.
-    default = mm.DEFAULT_NAMES["clip"]
-    return [NONE, default] + [n for n in model_choices("clip") if n != default]
+    # (none) = the clip_vision input; then the metric nodes' CLIP folders, their default name first
+    return [NONE] + folder_choices("clip", mm.DEFAULT_NAMES["clip"])
 
 
 class ClipGuidanceLossNode(EditLabNode):

@@ -13,7 +13,7 @@ from ..metrics import models as mm
 from ..metrics.plot import format_points, parse_x_values
 from ..metrics.sweep import SWEEP_METRICS, SweepModels, sweep_values
 from .common import EditLabError, check_choice
-from .metrics import METRICS_CATEGORY, EditLabNode, _choices, _clip_input, load_clip, load_vit, on_device, search_dirs
+from .metrics import METRICS_CATEGORY, EditLabNode, clip_input, folder_choices, load_clip, load_vit, on_device, search_dirs
 
 
 class SweepMetric(EditLabNode):
@@ -37,8 +37,8 @@ class SweepMetric(EditLabNode):
                                 tooltip="The setting of each image, comma-separated (e.g. '0.3, 0.45, 0.6'); "
                                         "empty = the image index."),
                 io.String.Input("series", default="", tooltip="The curve's name in the plot legend (e.g. 'L2 to guide')."),
-                _clip_input("CLIP model (clip_t, clip_i)."),
-                io.Combo.Input("dino_model", options=_choices("vit", mm.DEFAULT_NAMES["dino"]),
+                clip_input("CLIP model (clip_t, clip_i)."),
+                io.Combo.Input("dino_model", options=folder_choices("vit", mm.DEFAULT_NAMES["dino"]),
                                tooltip="DINO ViT folder under models/editlab_metrics/ (dino)."),
                 io.Combo.Input("lpips_net", options=list(mm.LPIPS_BACKBONES), default="alex",
                                tooltip="LPIPS backbone (lpips)."),

@@ -55,7 +55,7 @@ def model_choices(kind: str) -> list[str]:
     return names
 
 
-def _choices(kind: str, default: str) -> list[str]:
+def folder_choices(kind: str, default: str) -> list[str]:
     # The default name is always offered, so a workflow saved with it validates; loading says where to put it.
     names = model_choices(kind)
     return [default] + [n for n in names if n != default]
@@ -108,8 +108,8 @@ def _rows_report(rows: list[dict], head: str) -> str:
     return line
 
 
-def _clip_input(default_tip: str) -> io.Combo.Input:
-    return io.Combo.Input("clip_model", options=_choices("clip", mm.DEFAULT_NAMES["clip"]),
+def clip_input(default_tip: str) -> io.Combo.Input:
+    return io.Combo.Input("clip_model", options=folder_choices("clip", mm.DEFAULT_NAMES["clip"]),
                           tooltip=f"{default_tip} A Hugging Face CLIPModel folder under models/editlab_metrics/ "
                                   "(openai/clip-vit-large-patch14 is what PIE-Bench and torchmetrics use).")
 
@@ -129,8 +129,8 @@ class EditMetrics(EditLabNode):
             inputs=[
                 io.Image.Input("source", tooltip="The original image(s)."),
                 io.Image.Input("edited", tooltip="The edited image(s), same size; a batch of one pairs with every row."),
-                _clip_input("CLIP for the two CLIP similarities."),
-                io.Combo.Input("structure_model", options=_choices("vit", mm.DEFAULT_NAMES["structure"]),
+                clip_input("CLIP for the two CLIP similarities."),
+                io.Combo.Input("structure_model", options=folder_choices("vit", mm.DEFAULT_NAMES["structure"]),
                                tooltip="DINO ViT-B/8 (facebook/dino-vitb8, Hugging Face ViTModel folder) for the "
                                        "structure distance."),
                 io.Combo.Input("lpips_net", options=list(mm.LPIPS_BACKBONES), default="alex",
@@ -182,8 +182,8 @@ class SubjectMetrics(EditLabNode):
                 io.Image.Input("references", tooltip="The real subject images (a batch)."),
                 io.String.Input("prompt", default="", multiline=True,
                                 tooltip="The prompt the images were generated from (for CLIP-T)."),
-                _clip_input("CLIP for CLIP-I and CLIP-T."),
-                io.Combo.Input("dino_model", options=_choices("vit", mm.DEFAULT_NAMES["dino"]),
+                clip_input("CLIP for CLIP-I and CLIP-T."),
+                io.Combo.Input("dino_model", options=folder_choices("vit", mm.DEFAULT_NAMES["dino"]),
                                tooltip="DINO ViT-S/16 (facebook/dino-vits16, Hugging Face ViTModel folder)."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Optional: a ComfyUI CLIP vision model (ViT-L/H) for CLIP-I instead of "
@@ -225,7 +225,7 @@ class CLIPScore(EditLabNode):
                         "torchmetrics' CLIPScore convention max(100 cos, 0).",
             inputs=[
                 io.Image.Input("image", tooltip="The image(s) to score."),
-                _clip_input("CLIP model."),
+                clip_input("CLIP model."),
                 io.String.Input("text", default="", multiline=True, tooltip="The text reference (used when no "
                                                                             "reference image is connected)."),
                 io.Image.Input("reference_image", optional=True, tooltip="Optional image reference(s): CLIP-I."),
@@ -265,7 +265,7 @@ class DirectionalCLIP(EditLabNode):
             inputs=[
                 io.Image.Input("source", tooltip="The input image(s)."),
                 io.Image.Input("edited", tooltip="The edited image(s); a batch of one pairs with every row."),
-                _clip_input("CLIP model."),
+                clip_input("CLIP model."),
                 io.String.Input("caption_before", default="", multiline=True, tooltip="A caption of the source."),
                 io.String.Input("caption_after", default="", multiline=True, tooltip="A caption of the intended edit."),
                 io.String.Input("series", default="", optional=True,
