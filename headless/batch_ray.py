@@ -1,9 +1,10 @@
 """``editlab batch --backend ray``: the rows as a Ray Data dataset, ``map_batches`` over a pool of stateful
 actors (one per GPU; one per CPU slot without GPUs), each holding one batch worker (ComfyUI loaded once).
 
-Ray is imported here only, and only for this backend. ``--ray-address`` joins an existing cluster (the pack
-and ComfyUI must sit at the same paths on every node, and OUT on storage every node shares); without it a
-local Ray instance is started for the run. The driver keeps the manifest: records stream back as rows
+The rows' task descriptors are streamed to JSONL shards under ``OUT/logs/tasks/`` and read back by Ray Data,
+a read task per shard: no process holds the whole dataset. Ray is imported here only, and only for this
+backend. ``--ray-address`` joins an existing cluster (the pack and ComfyUI must sit at the same paths on
+every node, and OUT on storage every node shares); without it a local Ray instance is started for the run. The driver keeps the manifest: records stream back as rows
 finish. An actor that dies is restarted by Ray and its rows are retried (Ray Data's actor pool retries);
 a row that kills its actor ``MAX_ATTEMPTS`` times is recorded as failed, as with the local backend.
 """
@@ -18,7 +19,7 @@ from typing import Callable, Iterator, Optional
 from ..errors import EditLabError
 from .batch import MAX_ATTEMPTS
 
-MAX_BLOCKS = 1000  # one row per block up to this: rows spread over actors, a retried block redoes few rows
+SHARD_ROWS = 64  # task descriptors per shard file = per Ray read task: small, so rows spread over actors
 
 
 class RowActor:
@@ -62,6 +63,26 @@ class RowActor:
         return record
 
 
+def write_task_shards(tasks: Iterator[dict], folder: str, shard: int = SHARD_ROWS) -> int:
+    """Stream the task descriptors into ``folder/part-NNNNN.jsonl`` files of ``shard`` rows (constant memory);
+    return how many were written. The folder is rewritten on every run (resume skips done rows upstream)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    n, fh = 0, None
+    try:
+        for task in tasks:
+            if n % shard == 0:
+                if fh is not None:
+                    fh.close()
+                fh = open(os.path.join(folder, f"part-{n // shard:05d}.jsonl"), "w", encoding="utf-8")
+            fh.write(json.dumps({"task": json.dumps(task)}) + "\n")
+            n += 1
+    finally:
+        if fh is not None:
+            fh.close()
+    return n
+
+
 def run(config: dict, tasks: Iterator[dict], emit: Callable[[dict], None], *, workers: Optional[int] = None,
         address: Optional[str] = None, total: int = 0) -> int:
     """Run the tasks on ``workers`` actors (default: one per GPU of the cluster, else 1); return that number."""
@@ -85,15 +106,22 @@ def run(config: dict, tasks: Iterator[dict], emit: Callable[[dict], None], *, wo
         ctx.enable_progress_bars = False  # the batch has its own progress line
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
         workers = workers or cluster_gpus or 1
-        items = [{"task": json.dumps(t)} for t in tasks]  # task descriptors (ids, paths, prompts): no pixels
-        if not items:
-            return workers
         per_actor = {"num_gpus": 1} if cluster_gpus else {"num_cpus": 1}
         if cluster_gpus and workers > cluster_gpus:
             raise EditLabError(f"--workers {workers}: the Ray cluster has {cluster_gpus} GPUs (one actor per GPU)")
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+        folder = os.path.join(config["out"], "logs", "tasks")
+        # shards small enough that every actor gets several (``total``: the rows, known from the plan's check)
+        shard = max(1, min(SHARD_ROWS, total // (4 * workers)))
+        rows = write_task_shards(tasks, folder, shard)
+        if not rows:
+            return workers
+        # Ray Data reads the shards in streaming fashion (a read task per shard): neither the driver nor any
+        # single process holds the dataset's rows; on a cluster OUT is shared storage, as the outputs need.
+        # num_cpus=0: a read task must not wait for a CPU slot that the actors hold (deadlock on a small cluster)
+        ds = ray.data.read_json(folder, lines=True, file_extensions=["jsonl"], num_cpus=0,
+                                 override_num_blocks=-(-rows // shard))  # a block per shard, never merged
         out = ds.map_batches(RowActor, fn_constructor_args=(config,), batch_size=1, batch_format="numpy",
-                             concurrency=workers, **per_actor)
+                             compute=ray.data.ActorPoolStrategy(size=workers), **per_actor)
         try:
             for row in out.iter_rows():
                 emit(json.loads(row["record"]))

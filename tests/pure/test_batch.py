@@ -259,6 +259,28 @@ def test_ray_backend_runs_each_row_once_matches_local_and_survives_a_killed_acto
 
 
 
+def test_ray_task_descriptors_stream_to_disk_in_shards(tmp_path):
+    """The Ray backend never holds the dataset's rows: the descriptors go to JSONL shards as the plan yields
+    them (earlier shards are complete on disk while later rows are still to come), one Ray read task each."""
+    from editlab.headless import batch_ray
+    folder = tmp_path / "tasks"
+
+    def tasks():
+        for i in range(1000):
+            if i == 200:  # three shards of 64 are written and closed before row 200 is even produced
+                done = sorted(os.listdir(folder))[:3]
+                assert done == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+                assert all(len((folder / n).read_text().splitlines()) == 64 for n in done)
+            yield {"row": f"r{i}", "set": [["2", "text", "x" * (i % 7)]]}
+
+    assert batch_ray.write_task_shards(tasks(), str(folder), 64) == 1000
+    names = sorted(os.listdir(folder))
+    assert len(names) == 16
+    lines = [json.loads(json.loads(line)["task"]) for n in names for line in (folder / n).read_text().splitlines()]
+    assert [t["row"] for t in lines] == [f"r{i}" for i in range(1000)] and lines[5]["set"][0][2] == "xxxxx"
+    assert batch_ray.write_task_shards(iter([]), str(folder), 64) == 0 and not os.listdir(folder)  # rewritten
+
+
 def test_ray_backend_interrupted_run_resumes_to_the_sameresults(tmp_path, ray_local):
     data = _dataset(tmp_path, [f"s{i}" for i in range(6)])
     whole = _plan(tmp_path, data, "whole")

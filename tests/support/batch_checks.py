@@ -31,7 +31,8 @@ def results(out) -> dict:
 
 class KillOther:
     """An ``on_record`` callback: once two worker processes have reported, SIGKILL the one that did not just
-    report (it is busy with a row). ``killed`` lists the pids killed."""
+    report (it is busy with a row). A process that already died (a row that kills its worker, then restarted
+    under a new pid) is dropped and the next record picks again. ``killed`` lists the pids killed."""
 
     def __init__(self):
         self.pids: list[int] = []
@@ -41,10 +42,16 @@ class KillOther:
         pid = int(record["worker"].split(":")[1]) if record["worker"] != "batch" else None
         if pid and pid not in self.pids:
             self.pids.append(pid)
-        if not self.killed and len(self.pids) == 2:
-            victim = next(p for p in self.pids if p != pid)
-            os.kill(victim, signal.SIGKILL)
+        if self.killed or pid is None:
+            return
+        for victim in [p for p in reversed(self.pids) if p != pid]:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                self.pids.remove(victim)
+                continue
             self.killed.append(victim)
+            return
 
 
 class StandIn:
