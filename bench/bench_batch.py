@@ -2,10 +2,10 @@
 runner's per-row overhead against the same workflow queued directly on one executor.
 
 Same workflow (SDEdit stroke -> image, 64 px, ``--steps``), same rows, random SD1.5-architecture weights.
-Rates are steady-state: from the arrival times of the records after each worker's first row (which loads
+Rates are steady-state: from the workers' finish times of the rows after each worker's first row (which loads
 the checkpoint), so process start and model load are reported apart (``end_to_end``).
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_batch.py [--rows 8] [--steps 3]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_batch.py [--rows 8] [--steps 3] [--backend local|ray]
     python bench/bench_batch.py --orchestration 200     # the runner's own cost per row, no ComfyUI
 """
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="the batch runner's backend for the batch rows (ray: a local Ray instance per run)")
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "out" / "batch"))
     ap.add_argument("--orchestration", type=int, default=0, metavar="ROWS",
                     help="only time the runner's own per-row cost (stand-in worker, no ComfyUI) over ROWS rows")
@@ -77,12 +79,12 @@ def main() -> None:
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
         plan = batch.make_plan(prompt, data, str(out), threads=threads, **common)
-        arrivals: list[float] = []
+        finished: list[float] = []  # the workers' own finish times: Ray hands records back in bursts
         t0 = time.perf_counter()
-        summary = batch.run_batch(plan, workers=workers, progress=False,
-                                  on_record=lambda r: arrivals.append(time.perf_counter()))
+        summary = batch.run_batch(plan, backend=args.backend, workers=workers, progress=False,
+                                  on_record=lambda r: finished.append(r["finished"]))
         return {"workers": workers, "threads": threads or (os.cpu_count() or 1) // workers,
-                "steady_rows_per_s": _steady_rate(arrivals, workers), "end_to_end_s": time.perf_counter() - t0,
+                "steady_rows_per_s": _steady_rate(finished, workers), "end_to_end_s": time.perf_counter() - t0,
                 "failed": summary["failed"]}
 
     def direct_run() -> dict:
@@ -110,7 +112,7 @@ def main() -> None:
         sys.stderr.write(f"{key}: {json.dumps(results[key])}\n")  # as it goes: a cut run still reports
     r = {k: v["steady_rows_per_s"] for k, v in results.items()}
     report = {
-        "machine": machine(), "rows": args.rows, "steps": args.steps, "runs": results,
+        "machine": machine(), "backend": args.backend, "rows": args.rows, "steps": args.steps, "runs": results,
         "scaling_efficiency_same_cores": r["2w_1t"] / (2 * r["1w"]),
         "scaling_efficiency_per_worker_threads": r["2w_1t"] / (2 * r["1w_1t"]),
         "per_row_overhead_batch_vs_direct": r["direct"] / r["1w"],
@@ -144,7 +146,7 @@ def orchestration(rows: int, work: Path) -> None:
         target = work / f"orch_{workers}"
         shutil.rmtree(target, ignore_errors=True)
         plan = batch.make_plan(prompt, str(data / "rows.csv"), str(target), bind=["1.image=image_path", "2.text=prompt"],
-                               worker=f"{root / 'tests' / 'pure' / 'test_batch.py'}:StandIn")
+                               worker=f"{root / 'tests' / 'support' / 'batch_checks.py'}:StandIn")
         arrivals: list[float] = []
         batch.run_batch(plan, workers=workers, progress=False, on_record=lambda r: arrivals.append(time.perf_counter()))
         out[f"{workers}w_ms_per_row"] = 1000 / _steady_rate(arrivals, workers)

@@ -6,7 +6,8 @@ worker process per device, see ``headless/batch_worker.py``). ``--backend ray`` 
 Ray Data (``headless/batch_ray.py``; Ray is imported there only).
 
 Layout of OUT: ``batch.json`` (what the run is: resuming with another command is refused),
-``manifest.jsonl`` (one record per finished row: row id, inputs, output paths, seconds, worker, error),
+``manifest.jsonl`` (one record per finished row: row id, inputs, output paths, seconds, worker, error,
+finished time),
 ``rows/<row id>/`` (each row's files, written to a temporary folder then renamed), ``logs/``.
 """
 from __future__ import annotations
@@ -45,6 +46,12 @@ class Source:
     # columns whose file the runner makes from the row when a binding needs it: column -> fn(row_id, row, out)
     # returning the file's path under OUT (e.g. PIE-Bench's RLE masks decoded to pictures)
     derived: dict[str, Callable[[str, dict, str], str]] = field(default_factory=dict)
+
+
+def failed_record(task: dict, error: str) -> dict:
+    """The manifest record of a row that failed outside a worker's own run (bad input, a worker that died)."""
+    return {"row": task["row"], "inputs": task["inputs"], "outputs": [], "seconds": 0.0, "worker": "batch",
+            "error": error, "finished": round(time.time(), 3)}
 
 
 def _pie_mask_file(row_id: str, row: dict, out: str) -> str:
@@ -546,8 +553,7 @@ def run_batch(plan: Plan, *, backend: str = "local", workers: Optional[int] = No
                     bar.skipped += 1
                     continue
                 if "error" in task:
-                    emit({"row": task["row"], "inputs": task["inputs"], "outputs": [], "seconds": 0.0,
-                          "worker": "batch", "error": task["error"]})
+                    emit(failed_record(task, task["error"]))
                     continue
                 yield task
 

@@ -36,8 +36,8 @@ class RowActor:
             module = importlib.util.module_from_spec(spec)
             sys.modules["editlab"] = module
             spec.loader.exec_module(module)
-        from editlab.headless import batch_worker
-        self.run_task = batch_worker.run_task
+        from editlab.headless import batch, batch_worker
+        self.run_task, self.failed_record = batch_worker.run_task, batch.failed_record
         self.worker = batch_worker.load_worker(config["worker"], config)
         self.attempts = os.path.join(config["out"], "logs", "attempts")
         self.max_attempts = config["max_attempts"]
@@ -55,8 +55,8 @@ class RowActor:
             fh.write(".")
         tries = os.path.getsize(mark)
         if tries > self.max_attempts:
-            record = {"row": task["row"], "inputs": task["inputs"], "outputs": [], "seconds": 0.0, "worker": "batch",
-                      "error": f"worker process died running this row {tries - 1} times; see the Ray worker logs"}
+            record = self.failed_record(task, f"worker process died running this row {tries - 1} times; see the Ray "
+                                              "worker logs")
         else:
             record = self.run_task(self.worker, task)
         os.remove(mark)

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from ..errors import EditLabError
-from .batch import MAX_ATTEMPTS, atomic_row_dir, row_files
+from .batch import MAX_ATTEMPTS, atomic_row_dir, failed_record, row_files
 
 def _worker_command(action: str, *args: str) -> list[str]:
     """A fresh interpreter running the pack's own CLI entry (``__main__.py`` imports the pack under a stable
@@ -100,7 +100,8 @@ def run_task(worker: Any, task: dict) -> dict:
         got, error = {}, one_line(exc)
     return {"row": task["row"], "inputs": task["inputs"], "outputs": got.get("outputs", []) if not error else [],
             "seconds": round(time.perf_counter() - t0, 4),
-            "worker": getattr(worker, "name", f"{socket.gethostname()}:{os.getpid()}"), "error": error}
+            "worker": getattr(worker, "name", f"{socket.gethostname()}:{os.getpid()}"), "error": error,
+            "finished": round(time.time(), 3)}  # when the worker finished it (Unix time; rates, audits)
 
 
 def serve(config_path: str, slot: str = "0") -> int:
@@ -236,9 +237,8 @@ class LocalPool:
                     if task is not None:
                         attempts[task["row"]] += 1
                         if attempts[task["row"]] >= MAX_ATTEMPTS:
-                            emit({"row": task["row"], "inputs": task["inputs"], "outputs": [], "seconds": 0.0,
-                                  "worker": "batch", "error": f"worker process died (exit code {code}) running this "
-                                  f"row {attempts[task['row']]} times; see {self.log_dir}"})
+                            emit(failed_record(task, f"worker process died (exit code {code}) running this "
+                                                     f"row {attempts[task['row']]} times; see {self.log_dir}"))
                         else:
                             pending.appendleft(task)
                     del self.procs[slot]

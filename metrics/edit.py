@@ -125,19 +125,34 @@ def edit_metrics(source: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor 
     return [{k: float(res[k][i]) for k in keys if k in res} for i in range(n)]
 
 
-def subject_metrics(generated: torch.Tensor, references: torch.Tensor, prompts: Any, clip: ClipModel | None,
+def reference_embeds(references: torch.Tensor, clip: ClipModel | None, dino: VitModel | None,
+                     keys: Sequence[str] = SUBJECT_KEYS) -> dict[str, torch.Tensor]:
+    """The reference images' unit embeddings the subject metrics compare against: ``{"dino": .., "clip": ..}``
+    (only those ``keys`` need). Computed once per subject, they serve every image generated of it."""
+    ref = pixel.as_bchw(references, "reference images")
+    out: dict[str, torch.Tensor] = {}
+    if "dino" in keys:
+        out["dino"] = embed.dino_embeds(_need(dino, "DINO (ViT-S/16)", "dino"), ref)
+    if "clip_i" in keys:
+        out["clip"] = embed.clip_image_embeds(_need(clip, "CLIP", "clip_i / clip_t"), ref)
+    return out
+
+
+def subject_metrics(generated: torch.Tensor, references: torch.Tensor | dict, prompts: Any, clip: ClipModel | None,
                     dino: VitModel | None, keys: Sequence[str] = SUBJECT_KEYS) -> list[dict]:
-    """DreamBooth's DINO / CLIP-I (mean cosine to every reference image) and CLIP-T, per generated image."""
-    gen, ref = pixel.as_bchw(generated, "generated images"), pixel.as_bchw(references, "reference images")
+    """DreamBooth's DINO / CLIP-I (mean cosine to every reference image) and CLIP-T, per generated image.
+    ``references``: the reference images, or their ``reference_embeds`` (a scorer reuses them per subject)."""
+    gen = pixel.as_bchw(generated, "generated images")
+    ref = references if isinstance(references, dict) else reference_embeds(references, clip, dino, keys)
     res: dict[str, torch.Tensor] = {}
     if "dino" in keys:
         vit = _need(dino, "DINO (ViT-S/16)", "dino")
-        res["dino"] = embed.mean_pairwise_cos(embed.dino_embeds(vit, gen), embed.dino_embeds(vit, ref))
+        res["dino"] = embed.mean_pairwise_cos(embed.dino_embeds(vit, gen), ref["dino"])
     if "clip_i" in keys or "clip_t" in keys:
         c = _need(clip, "CLIP", "clip_i / clip_t")
         g = embed.clip_image_embeds(c, gen)
         if "clip_i" in keys:
-            res["clip_i"] = embed.mean_pairwise_cos(g, embed.clip_image_embeds(c, ref))
+            res["clip_i"] = embed.mean_pairwise_cos(g, ref["clip"])
         if "clip_t" in keys:
             texts = _prompts(prompts, gen.shape[0], "prompt")
             if texts is None:

@@ -80,8 +80,15 @@ def clip_image_embeds(clip: ClipModel, images: torch.Tensor, chunk: int = 32) ->
 
 @torch.inference_mode()
 def clip_text_embeds(clip: ClipModel, texts: list[str]) -> torch.Tensor:
-    """Unit CLIP text embeddings [N,D] (float32, CPU); prompts past the model's length are truncated."""
-    return F.normalize(clip.text_features(list(texts)).float().cpu(), dim=-1)
+    """Unit CLIP text embeddings [N,D] (float32, CPU); prompts past the model's length are truncated.
+    A prompt repeated in ``texts`` is encoded once (DreamBench scores 4 images per prompt)."""
+    texts = list(texts)
+    unique = list(dict.fromkeys(texts))
+    emb = F.normalize(clip.text_features(unique).float().cpu(), dim=-1)
+    if len(unique) == len(texts):
+        return emb
+    where = {t: i for i, t in enumerate(unique)}
+    return emb[torch.tensor([where[t] for t in texts])]
 
 
 def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ..errors import EditLabError
 from . import names
 
 SUBJECT_LAYOUT = "dreambench"
+REFERENCE_CACHE = 64  # subjects whose reference embeddings a run keeps (DreamBench has 30; a few KiB each)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +104,7 @@ class Scorer:
         from . import models as mm
         dirs, dev = model_dirs(args), torch.device(args.device)
         self.args, self.keys = args, keys
+        self.refs: dict[tuple, dict] = {}  # reference image paths -> their embeddings (``_subject``)
         need_clip = any(k.startswith("clip") for k in keys)
         self.clip = mm.load_clip(args.clip, dirs) if need_clip else None
         self.dino = mm.load_vit("dino", args.dino, dirs) if "dino" in keys else None
@@ -141,7 +143,8 @@ class Scorer:
         return [r or {} for r in results]
 
     def _subject(self, block: list) -> list[dict]:
-        """Rows with the same references and image size run as one batch."""
+        """Rows with the same references and image size run as one batch; each subject's reference embeddings
+        are computed once per run (``self.refs``), not once per generated image or per block."""
         import torch
         from . import datasets, edit
         gens = [datasets.load_image(r.images["generated"]) for r in block]
@@ -150,10 +153,15 @@ class Scorer:
             groups.setdefault((tuple(row.images["references"]), tuple(g.shape)), []).append(i)
         results: list[dict] = [{}] * len(block)
         for (refs, _), idx in groups.items():
-            ref_imgs = [datasets.load_image(p) for p in refs]
-            if any(r.shape != ref_imgs[0].shape for r in ref_imgs):
-                raise EditLabError(f"the reference images of {block[idx[0]].category!r} differ in size; resize them to one size")
-            rows = edit.subject_metrics(torch.stack([gens[i] for i in idx]), torch.stack(ref_imgs),
+            if refs not in self.refs:
+                ref_imgs = [datasets.load_image(p) for p in refs]
+                if any(r.shape != ref_imgs[0].shape for r in ref_imgs):
+                    raise EditLabError(f"the reference images of {block[idx[0]].category!r} differ in size; resize "
+                                       "them to one size")
+                if len(self.refs) >= REFERENCE_CACHE:
+                    self.refs.pop(next(iter(self.refs)))  # the oldest subject: DreamBench runs subject by subject
+                self.refs[refs] = edit.reference_embeds(torch.stack(ref_imgs), self.clip, self.dino, self.keys)
+            rows = edit.subject_metrics(torch.stack([gens[i] for i in idx]), self.refs[refs],
                                         [block[i].prompt or "" for i in idx], self.clip, self.dino, self.keys)
             for i, res in zip(idx, rows):
                 results[i] = res

@@ -166,3 +166,46 @@ def test_l2_to_the_guide_and_kid_in_the_summary(pairs, tmp_path, model_dir, monk
     assert float(rows[1][3]) == pytest.approx(np.sqrt(((src - out) ** 2).sum()), rel=1e-5)  # by hand
     summary = (tmp_path / "o" / "summary.md").read_text()
     assert "KID (sources vs edited, stand-in, 7 images):" in summary
+
+
+def test_dreambench_encodes_each_subjects_references_once_with_the_same_scores(tmp_path, model_dir, monkeypatch):
+    """Blocks of 3 rows over 2 subjects x 4 images: every subject's references are embedded once for the whole
+    run (not per block or per image), and the scores equal scoring each image against the raw references."""
+    import torch
+    from editlab.metrics import edit, models
+    rng = np.random.default_rng(5)
+    for subject in ("dog", "cat"):
+        for k in range(3):
+            _save(tmp_path / "dataset" / subject / f"{k:02d}.jpg", (rng.random((32, 32, 3)) * 255).astype(np.uint8))
+        for p in (f"a {subject} in the snow", f"a {subject} on the beach"):
+            for k in range(2):
+                _save(tmp_path / "gen" / subject / p / f"{k}.png", (rng.random((32, 32, 3)) * 255).astype(np.uint8))
+    calls = []
+    real = edit.reference_embeds
+    monkeypatch.setattr(edit, "reference_embeds", lambda refs, *a, **k: calls.append(refs.shape[0]) or real(refs, *a, **k))
+    argv = ["--layout", "dreambench", "--data", str(tmp_path / "dataset"), "--generated", str(tmp_path / "gen"),
+            "--out", str(tmp_path / "out"), "--models", model_dir, "--no-progress", "--batch", "3"]
+    assert scorer.main(argv) == 0
+    assert calls == [3, 3], "one reference embedding per subject"
+    rows = {r[0]: r for r in _read(tmp_path / "out" / "scores.csv")[1:]}
+    assert len(rows) == 8
+    clip, dino = models.load_clip("clip-vit-large-patch14", [model_dir]), models.load_vit("dino", "dino-vits16", [model_dir])
+    for row in datasets.dreambench_rows(str(tmp_path / "dataset"), str(tmp_path / "gen")):
+        refs = torch.stack([datasets.load_image(p) for p in row.images["references"]])
+        gen = datasets.load_image(row.images["generated"])[None]
+        want, = edit.subject_metrics(gen, refs, [row.prompt], clip, dino)
+        got = rows[row.id]
+        assert [float(v) for v in got[2:]] == pytest.approx([want["dino"], want["clip_i"], want["clip_t"]], abs=1e-5)
+
+
+def test_a_repeated_prompt_is_encoded_once_with_the_same_embedding(model_dir):
+    from editlab.metrics import embed, models
+    clip = models.load_clip("clip-vit-large-patch14", [model_dir])
+    seen = []
+    real = clip.text_features
+    clip.text_features = lambda texts: seen.append(list(texts)) or real(texts)
+    many = embed.clip_text_embeds(clip, ["a dog", "a cat", "a dog", "a dog"])
+    assert seen == [["a dog", "a cat"]]
+    one = [embed.clip_text_embeds(clip, [t]) for t in ("a dog", "a cat")]
+    import torch
+    assert torch.allclose(many, torch.cat([one[0], one[1], one[0], one[0]]), atol=1e-6)
