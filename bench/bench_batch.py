@@ -87,9 +87,22 @@ def main() -> None:
                 "steady_rows_per_s": _steady_rate(finished, workers), "end_to_end_s": time.perf_counter() - t0,
                 "failed": summary["failed"]}
 
-    def direct_run() -> dict:
-        """The same rows queued one after another on one executor in this process (no batch runner)."""
+    def direct_run(threads: int | None = None) -> dict:
+        """The same rows queued one after another on one executor in this process (no batch runner), with
+        ``threads`` torch threads (default: as set)."""
+        import torch
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            return _direct_run()
+        finally:
+            torch.set_num_threads(before)
+
+    def _direct_run() -> dict:
         import copy
+
+        import torch
         plan = batch.make_plan(prompt, data, str(work / "direct"), **common)
         executor = runner.new_executor()
         arrivals = []
@@ -101,12 +114,11 @@ def main() -> None:
                 p[node]["inputs"][name] = value
             runner.run_prompt(p, output_dir=str(work / "direct" / task["row"]), executor=executor)
             arrivals.append(time.perf_counter())
-        import torch
         return {"workers": 0, "threads": torch.get_num_threads(), "steady_rows_per_s": _steady_rate(arrivals, 1),
                 "end_to_end_s": time.perf_counter() - t0, "failed": 0}
 
     results = {}
-    for key, fn in (("direct", direct_run), ("1w", lambda: batch_run("w1", 1, None)),
+    for key, fn in (("direct", direct_run), ("direct_1t", lambda: direct_run(1)), ("1w", lambda: batch_run("w1", 1, None)),
                     ("2w_1t", lambda: batch_run("w2", 2, 1)), ("1w_1t", lambda: batch_run("w1t1", 1, 1))):
         results[key] = fn()
         sys.stderr.write(f"{key}: {json.dumps(results[key])}\n")  # as it goes: a cut run still reports
@@ -116,6 +128,7 @@ def main() -> None:
         "scaling_efficiency_same_cores": r["2w_1t"] / (2 * r["1w"]),
         "scaling_efficiency_per_worker_threads": r["2w_1t"] / (2 * r["1w_1t"]),
         "per_row_overhead_batch_vs_direct": r["direct"] / r["1w"],
+        "per_row_overhead_batch_vs_direct_1_thread": r["direct_1t"] / r["1w_1t"],
     }
     sys.stdout.write(json.dumps(report, indent=1) + "\n")
 

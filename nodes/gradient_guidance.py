@@ -58,6 +58,16 @@ def checkpointed(module: torch.nn.Module):
             del block.forward  # the instance attribute; the class's forward shows through again
 
 
+def decoder_of(vae_model: torch.nn.Module) -> torch.nn.Module:
+    """The decoding half of a VAE module: ``decoder`` (ComfyUI's AutoencoderKL), ``taesd_decoder`` (TAESD),
+    else the module itself."""
+    for name in ("decoder", "taesd_decoder"):
+        part = getattr(vae_model, name, None)
+        if isinstance(part, torch.nn.Module):
+            return part
+    return vae_model
+
+
 def pixel_decoder(model_patcher, vae):
     """Model-space latent -> [B, 3, H, W] in [0, 1], differentiable (SD-family VAEs decode to [-1, 1])."""
     base = model_patcher.model
@@ -104,8 +114,7 @@ class GradientGuidanceMixin:
                 stack.enter_context(autograd_weights(m))
             if self.guidance_checkpointing:
                 if decode:  # the decoder's blocks (the encoder is not run)
-                    vae_model = self.guidance_vae.first_stage_model
-                    stack.enter_context(checkpointed(getattr(vae_model, "decoder", vae_model)))
+                    stack.enter_context(checkpointed(decoder_of(self.guidance_vae.first_stage_model)))
                 if through_unet:
                     stack.enter_context(checkpointed(self.inner_model.diffusion_model))
             try:

@@ -321,3 +321,25 @@ def test_a_tiny_autoencoder_can_stand_in_for_the_vae_in_the_loss(setup):
                  checkpointing=True, rows="", vae=taesd)[0]
         outs[scale], _ = sample(s, g, steps=2)
     assert torch.isfinite(outs[3000.0]).all() and not torch.allclose(outs[0.0], outs[3000.0], atol=1e-4)
+
+
+def test_checkpointing_splits_each_decoder_into_blocks_and_changes_no_result(setup):
+    """Gradient checkpointing wraps the decoder's blocks one by one, TAESD's too (it was checkpointed as one
+    segment: recomputed whole in backward, no peak memory saved), and a guided run with it equals the run
+    without it."""
+    from editlab.nodes.gradient_guidance import checkpointed, decoder_of
+    s = setup
+    for vae, least in ((random_taesd(), 10), (s["vae"], 10)):
+        decoder = decoder_of(vae.first_stage_model)
+        assert decoder is not vae.first_stage_model
+        with checkpointed(decoder):
+            wrapped = [m for m in decoder.modules() if "forward" in m.__dict__]
+        assert len(wrapped) >= least, f"{type(decoder).__name__}: {len(wrapped)} checkpointed blocks"
+        assert not [m for m in decoder.modules() if "forward" in m.__dict__]  # put back on exit
+        outs = []
+        for ckpt in (True, False):
+            g = call("EditLabGradientGuider", model=s["model"], positive=s["pos"], negative=s["neg"], cfg=7.5,
+                     loss=clip_loss(), scale=3000.0, sigma_start=0.0, sigma_end=1.0, every_k=1,
+                     gradient_through="x0", checkpointing=ckpt, rows="", vae=vae)[0]
+            outs.append(sample(s, g, steps=2)[0])
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
