@@ -115,6 +115,18 @@ def reference_loop(src, out, mask, prompts, clip, vit, lpips_net, processor) -> 
     return rows
 
 
+def timed_interleaved(sides: dict, repeats: int) -> tuple[dict, dict]:
+    """Run every side ``repeats`` times, interleaved (load drift hits all alike), on all cores: (times, results)."""
+    times, results = {k: [] for k in sides}, {}
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for _ in range(repeats):
+        for k, fn in sides.items():
+            t = time.perf_counter()
+            results[k] = fn()
+            times[k].append(time.perf_counter() - t)
+    return times, results
+
+
 def write_dreambench(root: Path, subjects: int, prompts: int, refs: int, size: int) -> tuple[Path, Path]:
     """A DreamBench-shaped dataset/ (``refs`` JPEG photos per subject) and generated/ (4 PNGs per prompt)."""
     import numpy as np
@@ -180,13 +192,7 @@ def dreambench(args) -> None:
 
     sides = {"reference per-image loop": lambda: reference_subject_loop(rows, clip, dino, processor),
              "EditLab scorer (dreambench layout)": ours}
-    times, results = {k: [] for k in sides}, {}
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    for _ in range(args.repeats):  # interleaved
-        for k, fn in sides.items():
-            t = time.perf_counter()
-            results[k] = fn()
-            times[k].append(time.perf_counter() - t)
+    times, results = timed_interleaved(sides, args.repeats)
     ref, mine = results["reference per-image loop"], results["EditLab scorer (dreambench layout)"]
     diff = [max(abs(a - b) for a, b in zip(ref[i], mine[i])) for i in ref]
     n = len(rows)
@@ -242,14 +248,7 @@ def main() -> None:
                                                                                   lp.module, processor),
              "ours, batched, pie_bench_compat": lambda: ours(True),
              "ours, batched, default": lambda: ours(False)}
-    times = {k: [] for k in sides}
-    results = {}
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    for _ in range(args.repeats):  # interleaved
-        for k, fn in sides.items():
-            t = time.perf_counter()
-            results[k] = fn()
-            times[k].append(time.perf_counter() - t)
+    times, results = timed_interleaved(sides, args.repeats)
     ref = results["reference per-image loop (PIE-Bench style)"]
     comp = results["ours, batched, pie_bench_compat"]
     diff = {key: max(0.0 if a[key] == b[key] else abs(a[key] - b[key]) for a, b in zip(ref, comp))  # inf == inf
