@@ -19,7 +19,8 @@ from typing import Callable, Iterator, Optional
 from ..errors import EditLabError
 from .batch import MAX_ATTEMPTS
 
-SHARD_ROWS = 64  # task descriptors per shard file = per Ray read task: small, so rows spread over actors
+SHARD_ROWS = 16  # task descriptors per shard file = per Ray read task = per actor call: small, so rows spread
+# over actors, records come back (manifest, progress) every few rows and a retried shard redoes few rows
 
 
 class RowActor:
