@@ -319,5 +319,10 @@ class GradientGuidance:
         """``D_hat`` on a guided step, the plain ``predict(x)`` (no gradient at all) on any other."""
         if not self.active(float(sigma.flatten()[0]), sample_sigmas):
             return predict(x)
+        return self.guide(predict, x, sigma, decode)
+
+    def guide(self, predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sigma: torch.Tensor,
+              decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """``D_hat`` for a step the caller already knows is ``active``."""
         return guided_prediction(predict, x, sigma, self.loss, float(self.scale), self.through, decode, self.rows,
                                  self.flow)[0]

@@ -150,25 +150,20 @@ def refuse_no_uncond(what: str, base_model, ms, why: str) -> None:
         "or a method that needs none (the Inversion Guider's direct or plain mode).")
 
 
-def refuse_flow_model(what: str, base_model, ms, instead: str = "") -> None:
-    """Refuse a model that does not noise as ``x0 + sigma * z`` (SD3 / Flux rectified flow, docs/methods.md §11).
+def refuse_flow(model, what: str, instead: str = "") -> None:
+    """Refuse a flow-matching MODEL (SD3 / Flux rectified flow, docs/methods.md §11), from its family.
 
     For the one node whose maths is still k-space only (DreamBooth's prior-preservation target); every
-    other node asks :func:`model_family` and follows the family. ``base_model``/``ms``: the model and the
-    model sampling in force (a MODEL's object patches included). Called before any work.
+    other node asks :func:`model_family` and follows the family. The model's object patches (ModelSamplingSD3
+    ...) are in force; an unknown parametrisation is refused by :func:`model_family` itself. Called before any work.
     """
-    if is_k_space(ms):
+    if not model_family(model).flow:
         return
     raise EditLabError(
-        f"{what}: the model ({model_type_name(base_model, ms)}) is a "
+        f"{what}: the model ({model_type_name(model.model, model_sampling(model))}) is a "
         "flow-matching model (rectified flow: SD3, Flux), which is not supported yet; this needs an eps / "
         "v-prediction model that noises as x0 + sigma * noise (SD1.x, SD2.x, SDXL, without a ModelSamplingSD3 / "
         f"ModelSamplingFlux patch). {instead}".rstrip())
-
-
-def refuse_flow(model, what: str, instead: str = "") -> None:
-    """``refuse_flow_model`` for a MODEL (ModelPatcher)."""
-    refuse_flow_model(what, model.model, model_sampling(model), instead)
 
 
 def t0_to_sigma(ms, t0: float) -> float:

@@ -118,7 +118,7 @@ class GradientGuidanceMixin:
                 if through_unet:
                     stack.enter_context(checkpointed(self.inner_model.diffusion_model))
             try:
-                out = g(predict, x, timestep, sample_sigmas, decode)
+                out = g.guide(predict, x, timestep, decode)  # the window was checked above
             except RuntimeError as exc:
                 if "Inference tensors cannot be saved for backward" in str(exc):
                     raise EditLabError(

@@ -305,3 +305,19 @@ def test_prompt_to_prompt_refuses_joint_attention_models_naming_them(flow, kind)
     with pytest.raises(ValueError, match=rf"does not support {name}: .*joint attention"):
         controlled_model(model, None, ControlSettings())  # refused before the spec is read
     assert model.model_options == before
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-schnell"])
+def test_dreambooth_train_refuses_flow_models_before_any_work(flow, kind):
+    """DreamBooth's prior-preservation target is k-space maths: a flow model is refused by family, naming it,
+    before a latent is read or a file is written."""
+    from comfy.weight_adapter import adapter_maps
+    algo = next(iter(adapter_maps))
+    model, pos, neg, latent, _cfg = flow[kind]
+    before = dict(model.model_options)
+    with pytest.raises(ValueError, match=r"DreamBooth Train: the model \(.*\) is a flow-matching model"):
+        call("EditLabDreamBoothTrain", model=model, instance_latents=latent, instance_conditioning=pos,
+             prior_loss_weight=1.0, steps=1, learning_rate=1e-4, rank=2, algorithm=algo, loss_target="model",
+             batch_size=1, seed=0, gradient_checkpointing=False, save_every=0, checkpoint_name="flow_refused",
+             resume=False, class_latents=latent, class_conditioning=neg)
+    assert model.model_options == before
